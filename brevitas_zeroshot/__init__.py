@@ -1,0 +1,10 @@
+"""brevitas-zeroshot: zero-shot post-training quantization with images synthesised from BatchNorm statistics."""
+
+from ._errors import BzqError as BzqError
+from ._evaluate import evaluate as evaluate
+from .data import create_loader as create_loader
+from .models import load_model as load_model
+from .models import resolve_data_config as resolve_data_config
+from .version import __version__ as __version__
+
+__all__ = ["BzqError", "__version__", "create_loader", "evaluate", "load_model", "resolve_data_config"]

@@ -1,0 +1,16 @@
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: the one asked for, else CUDA when present, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A progress bar on stderr, so stdout stays clean for ``--json``."""
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)

@@ -1,0 +1,146 @@
+"""The ``bzq`` command line. Heavy imports live inside the commands so ``--help`` stays fast."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._errors import BzqError
+
+app = typer.Typer(
+    name="bzq",
+    help="Zero-shot post-training quantization of image classifiers with images synthesised from BatchNorm statistics.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks (not tests): synthesis speed.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Tested recipes for the timm model zoo (not available yet).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(recipe_app, name="recipe")
+
+_debug = False
+
+ModelArg = Annotated[str, typer.Argument(help="timm model name (cifar_resnet20, tf_efficientnet_lite0, hf-hub:...).")]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option("--checkpoint", help="State-dict file to load instead of pretrained weights.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when present).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
+    )
+    for noisy in ("torch", "timm", "brevitas", "torchao", "httpx", "huggingface_hub"):
+        # A hub miss logs every retry; the one-line error says what went wrong.
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
+def _not_yet(what: str) -> None:
+    raise BzqError(f"{what} is not available in brevitas-zeroshot {_version()} yet.")
+
+
+def _version() -> str:
+    from .version import __version__
+
+    return __version__
+
+
+def _emit(result: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(title)
+    for key, value in result.items():
+        print(f"  {key:>10}: {value:.3f}" if isinstance(value, float) else f"  {key:>10}: {value}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option("--data", help="Image folder: <class>/<image> layout or labels.csv.")],
+    checkpoint: CheckpointOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N images.")] = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-1/top-5 of a model on a real labelled image folder, with the model's own timm eval transform."""
+    from ._evaluate import evaluate
+    from .data import create_loader
+    from .models import load_model
+
+    if Path(model).is_dir():
+        _not_yet("Evaluating a quantized output directory (written by `bzq quantize`)")
+    net, data_config = load_model(model, checkpoint=checkpoint)
+    loader = create_loader(data, data_config, batch_size=batch_size, workers=workers, limit=limit)
+    from ._utils import resolve_device
+
+    result = evaluate(net.to(resolve_device(device)), loader, device=device)
+    _emit({"model": model, **result}, as_json, f"{model} on {data}")
+
+
+@app.command()
+def generate() -> None:
+    """Synthesise a calibration set from a model's BatchNorm statistics (not available yet)."""
+    _not_yet("`bzq generate`")
+
+
+@app.command()
+def quantize() -> None:
+    """Quantize a model with Brevitas or PT2E calibrated on synthetic images (not available yet)."""
+    _not_yet("`bzq quantize`")
+
+
+@app.command()
+def push() -> None:
+    """Publish a quantized output directory to the Hugging Face Hub (not available yet)."""
+    _not_yet("`bzq push`")
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """List the recipes in recipes/ (not available yet)."""
+    _not_yet("`bzq recipe list`")
+
+
+@recipe_app.command("run")
+def recipe_run() -> None:
+    """Run a recipe file (not available yet)."""
+    _not_yet("`bzq recipe run`")
+
+
+@bench_app.command("synthesis")
+def bench_synthesis() -> None:
+    """Time one synthesis step against a bare forward+backward (not available yet)."""
+    _not_yet("`bzq bench synthesis`")
+
+
+def main() -> None:
+    """Entry point: run the app; report user errors as one line (tracebacks only with --debug)."""
+    try:
+        app()
+    except BzqError as e:
+        if _debug:
+            raise
+        print(f"bzq: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("bzq: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if _debug:
+            raise
+        print(f"bzq: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,61 @@
+import os
+
+# Before huggingface_hub or timm is imported: a hub miss must fail at once, not retry for ~50 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import tarfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "benchmarks"
+SHARED = Path(os.environ.get("BZQ_SHARED_BENCHMARKS", _DEFAULT_SHARED))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"needs {path} (real weights and images from ../shared/benchmarks; absent on this machine)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return _need(SHARED.resolve())
+
+
+@pytest.fixture(scope="session")
+def resnet20_weights(shared) -> Path:
+    return _need(shared / "cifar10" / "resnet20-12fca82f.th")
+
+
+def _extract(shared: Path, rel: str, tmp_path_factory) -> Path:
+    archive = _need(shared / rel)
+    out = tmp_path_factory.mktemp(archive.stem)
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    return out / archive.stem
+
+
+@pytest.fixture(scope="session")
+def cifar_test_dev(shared, tmp_path_factory) -> Path:
+    return _extract(shared, "cifar10/cifar10-test-dev.tar", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def cifar_train_calib(shared, tmp_path_factory) -> Path:
+    return _extract(shared, "cifar10/cifar10-train-calib.tar", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample(shared, tmp_path_factory) -> Path:
+    return _extract(shared, "imagenet/imagenet-sample-even.tar", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def resnet20(resnet20_weights):
+    from brevitas_zeroshot import load_model
+
+    return load_model("cifar_resnet20", checkpoint=resnet20_weights)
