@@ -92,9 +92,62 @@ def eval_cmd(
 
 
 @app.command()
-def generate() -> None:
-    """Synthesise a calibration set from a model's BatchNorm statistics (not available yet)."""
-    _not_yet("`bzq generate`")
+def generate(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the set (shards, manifest.json, preview.png).")],
+    checkpoint: CheckpointOpt = None,
+    images: Annotated[int, typer.Option("--images", min=1, help="Number of images.")] = 256,
+    iterations: Annotated[int, typer.Option("--iterations", min=0, help="Optimisation steps per batch.")] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    loss: Annotated[str, typer.Option("--loss", help="BN loss: kl (GZNQ) or l2 (ZeroQ square loss).")] = "kl",
+    param: Annotated[
+        str, typer.Option("--param", help="distribution (learned per-pixel Gaussian) or pixel (plain pixels).")
+    ] = "distribution",
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 0.1,
+    draws: Annotated[int, typer.Option("--draws", min=1, help="Images drawn from each learned distribution.")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different set already in --out.")] = False,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Synthesise a calibration set from BatchNorm statistics. Ctrl-C keeps finished batches; a rerun resumes."""
+    from .models import load_model
+    from .synth import SyntheticCalibrator
+    from .synth._set import MANIFEST, read_manifest
+
+    net, data_config = load_model(model, checkpoint=checkpoint)
+    calib = SyntheticCalibrator(
+        net,
+        data_config,
+        device,
+        num_images=images,
+        iterations=iterations,
+        batch_size=batch_size,
+        seed=seed,
+        bn_loss=loss,
+        parameterization=param,
+        lr=lr,
+        draws=draws,
+    )
+    try:
+        result = calib.generate(out, overwrite=overwrite)
+    except KeyboardInterrupt:
+        kept = len(list(out.glob("shard-*.safetensors"))) if (out / MANIFEST).exists() else 0
+        raise BzqError(
+            f"interrupted: {kept} finished batches are kept in '{out}'; rerun the same command to resume."
+        ) from None
+    meta = read_manifest(out)
+    batches = meta.get("batches", [])
+    summary = {
+        "out": str(out),
+        "images": len(result),
+        "bn_loss_start": sum(b["bn_loss_start"] for b in batches) / max(len(batches), 1),
+        "bn_loss_final": sum(b["bn_loss_final"] for b in batches) / max(len(batches), 1),
+        "target_hit_rate": sum(b["target_hit_rate"] for b in batches) / max(len(batches), 1),
+        "restarts": meta.get("restarts", 0),
+        "seconds": meta.get("synthesis_seconds"),
+    }
+    _emit(summary, as_json, f"synthetic set for {model}")
 
 
 @app.command()
@@ -122,9 +175,28 @@ def recipe_run() -> None:
 
 
 @bench_app.command("synthesis")
-def bench_synthesis() -> None:
-    """Time one synthesis step against a bare forward+backward (not available yet)."""
-    _not_yet("`bzq bench synthesis`")
+def bench_synthesis(
+    model: ModelArg,
+    checkpoint: CheckpointOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Steps per timing.")] = 10,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved timings; medians are reported.")] = 3,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Load pretrained weights (timing does not need them).")] = True,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Time one synthesis step against a bare forward+backward of the same model and batch, and their ratio."""
+    import torch
+
+    from .models import load_model
+    from .synth._bench import benchmark_synthesis
+
+    if threads:
+        torch.set_num_threads(threads)
+    net, data_config = load_model(model, checkpoint=checkpoint, pretrained=pretrained)
+    result = benchmark_synthesis(net, data_config, batch_size=batch_size, steps=steps, repeats=repeats, device=device)
+    _emit(result, as_json, f"synthesis benchmark for {model}")
 
 
 def main() -> None:

@@ -1,0 +1,91 @@
+"""`bzq bench synthesis`: the cost of one synthesis step against a bare forward+backward of the same batch."""
+
+import resource
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from .._utils import resolve_device
+from ._calibrator import SyntheticCalibrator
+
+__all__ = ["benchmark_synthesis"]
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_synthesis(
+    model: nn.Module,
+    data_config: dict | None = None,
+    batch_size: int = 64,
+    steps: int = 20,
+    repeats: int = 3,
+    device: str | torch.device | None = None,
+    **settings,
+) -> dict:
+    """Seconds per synthesis step and per bare forward+backward (input gradient, frozen weights), and their ratio.
+
+    Both are timed in the same process, interleaved ``repeats`` times; the medians are reported. The synthesis step
+    is the real loop (``steps`` iterations minus a 0-iteration run, so setup and the final pass cancel out).
+    """
+    device = resolve_device(device)
+    calib = SyntheticCalibrator(model, data_config, device, num_images=batch_size, batch_size=batch_size, **settings)
+    c, h, w = calib.data_config["input_size"]
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    iterations = calib.config.iterations
+    x = torch.randn(batch_size, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+
+    def bare(n: int) -> float:
+        with calib._synthesis_mode():
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(n):
+                with amp:
+                    out = model(x)
+                out.float().sum().backward()
+            _sync(device)
+            return time.perf_counter() - t
+
+    def synth(n: int) -> float:
+        calib.config.iterations = n
+        _sync(device)
+        t = time.perf_counter()
+        calib.generate(show_progress=False)
+        _sync(device)
+        return time.perf_counter() - t
+
+    bare(2), synth(2)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bare_times, synth_times = [], []
+    for _ in range(repeats):
+        bare_times.append(bare(steps) / steps)
+        synth_times.append((synth(steps) - synth(0)) / steps)
+    step, fwd_bwd = statistics.median(synth_times), statistics.median(bare_times)
+    return {
+        "model": calib.manifest()["model"],
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "input_size": list(calib.data_config["input_size"]),
+        "synthesis_step_s": step,
+        "forward_backward_s": fwd_bwd,
+        "ratio": step / fwd_bwd,
+        "iterations": iterations,
+        "images_per_s": batch_size / (step * iterations),
+        "peak_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20)
+        if device.type == "cuda"
+        else _peak_rss_mib(),
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+    }

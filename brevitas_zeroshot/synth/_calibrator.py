@@ -1,0 +1,369 @@
+"""SyntheticCalibrator: calibration images synthesised from a model's BatchNorm statistics (GZNQ)."""
+
+import contextlib
+import logging
+import math
+import platform
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import BzqError
+from .._utils import progress, resolve_device
+from ..models import resolve_data_config
+from ._bn import BNStatistics
+from ._set import (
+    MANIFEST,
+    PREVIEW,
+    SyntheticSet,
+    check_compatible,
+    model_fingerprint,
+    read_manifest,
+    read_shard,
+    save_preview,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+
+__all__ = ["SynthesisConfig", "SyntheticCalibrator", "balanced_labels"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SynthesisConfig:
+    """Settings of the BN-prior generator. Defaults were chosen by measurement (docs/method.md)."""
+
+    num_images: int = 256
+    batch_size: int = 64
+    iterations: int = 200
+    lr: float = 0.1
+    bn_loss: str = "kl"  # "kl" (GZNQ: Gaussian KL per channel) or "l2" (ZeroQ/DeepInversion square loss)
+    parameterization: str = "distribution"  # "distribution" (learned per-pixel mean + log-std) or "pixel"
+    init_std: float = 0.5  # initial per-pixel std of the learned distribution, in normalised units
+    draws: int = 1  # images drawn from each learned distribution (distribution parameterisation only)
+    bn_weight: float = 1.0
+    first_bn_weight: float = 1.0
+    ce_weight: float = 0.1
+    tv_weight: float = 0.0
+    l2_weight: float = 0.0
+    jitter: float = 0.125  # random shift, as a fraction of the image side
+    flip: bool = True
+    crop_scale: float = 1.0  # smallest area of a random resized crop (1.0 = no crop)
+    seed: int = 0
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.bn_loss not in ("kl", "l2"):
+            raise BzqError(f"bn_loss must be 'kl' or 'l2', not {self.bn_loss!r}.")
+        if self.parameterization not in ("distribution", "pixel"):
+            raise BzqError(f"parameterization must be 'distribution' or 'pixel', not {self.parameterization!r}.")
+        for name in ("num_images", "batch_size", "draws"):
+            if getattr(self, name) < 1:
+                raise BzqError(f"{name} must be at least 1.")
+        if self.iterations < 0:
+            raise BzqError("iterations must be 0 or more.")
+        if self.batch_size % self.draws:
+            raise BzqError(f"batch_size ({self.batch_size}) must be a multiple of draws ({self.draws}).")
+        if self.parameterization == "pixel" and self.draws != 1:
+            raise BzqError("draws > 1 needs the distribution parameterisation.")
+        if not 0 < self.crop_scale <= 1:
+            raise BzqError("crop_scale must be in (0, 1].")
+
+
+def balanced_labels(num_images: int, num_classes: int, seed: int, group: int = 1) -> torch.Tensor:
+    """Target classes covering every class equally (up to one), in a seeded order; ``group`` images share one."""
+    slots = -(-num_images // group)
+    g = torch.Generator().manual_seed(seed)
+    per_slot = (torch.arange(slots) % max(num_classes, 1))[torch.randperm(slots, generator=g)]
+    return per_slot.repeat_interleave(group)[:num_images]
+
+
+class SyntheticCalibrator:
+    """Synthesise a calibration set for ``model`` from its BatchNorm statistics alone.
+
+    Each batch of images is optimised so that the per-channel distribution of every BN layer's input matches the
+    Gaussian described by that layer's running mean and variance, while the model classifies the images as their
+    balanced target classes. By default the images are samples of a learned per-pixel Gaussian (reparameterised at
+    every step), so the set is a draw from a generative model, not fixed points.
+
+    Args:
+        model: the float model with its BatchNorm layers (before any BN folding). It is used in eval mode and
+            left as it was found (mode, parameters and BN statistics).
+        data_config: input size, mean and std; defaults to the model's timm data config.
+        device: ``cpu``, ``cuda``...; default CUDA when present. On CUDA the forward runs in bf16 autocast with
+            the statistics kept in fp32.
+        **settings: any field of :class:`SynthesisConfig` (``num_images``, ``iterations``, ``batch_size``, ``seed``...).
+
+    Example::
+
+        calib = SyntheticCalibrator(model, num_images=256, iterations=200, seed=0).generate("calib/")
+        for images, labels in calib.loader(batch_size=32): ...
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_config: dict | None = None,
+        device: str | torch.device | None = None,
+        config: SynthesisConfig | None = None,
+        **settings,
+    ):
+        unknown = set(settings) - {f.name for f in fields(SynthesisConfig)}
+        if unknown:
+            raise BzqError(f"unknown synthesis setting(s): {', '.join(sorted(unknown))}.")
+        self.config = SynthesisConfig(**{**(asdict(config) if config else {}), **settings})
+        self.model = model
+        self.data_config = data_config or resolve_data_config(model)
+        self.device = resolve_device(device)
+        self.stats_probe = BNStatistics(model)
+        if not self.stats_probe.layers:
+            raise BzqError(
+                f"{type(model).__name__} has no BatchNorm layer with running statistics, so there is nothing to "
+                "synthesise images from. Calibrate it with real images (--calib DIR) or noise (--calib gaussian)."
+            )
+        self.num_classes = int(self.data_config.get("num_classes") or getattr(model, "num_classes", 0) or 0)
+        c, h, w = self.data_config["input_size"]
+        mean = torch.tensor(self.data_config["mean"], dtype=torch.float).view(1, c, 1, 1)
+        std = torch.tensor(self.data_config["std"], dtype=torch.float).view(1, c, 1, 1)
+        self.low, self.high = ((0 - mean) / std).to(self.device), ((1 - mean) / std).to(self.device)
+        self.history: list[torch.Tensor] = []  # BN loss per iteration, one tensor per batch
+
+    # -- public -------------------------------------------------------------------------------------------------
+
+    def manifest(self) -> dict:
+        """Everything that identifies the set: model fingerprint, input, full config, versions."""
+        import timm
+
+        from ..version import __version__
+
+        return {
+            "format_version": 1,
+            "source": "gznq" if self.config.bn_loss == "kl" else f"bn-{self.config.bn_loss}",
+            "model": getattr(self.model, "pretrained_cfg", {}).get("architecture", type(self.model).__name__),
+            "fingerprint": model_fingerprint(self.model),
+            "input_size": list(self.data_config["input_size"]),
+            "mean": list(self.data_config["mean"]),
+            "std": list(self.data_config["std"]),
+            "num_classes": self.num_classes,
+            "num_images": self.config.num_images,
+            "seed": self.config.seed,
+            "config": asdict(self.config),
+            "bn_layers": [name for name, _ in self.stats_probe.layers],
+            "versions": {
+                "brevitas_zeroshot": __version__,
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "python": platform.python_version(),
+            },
+            "device": str(self.device),
+        }
+
+    def generate(
+        self, out: str | Path | None = None, overwrite: bool = False, show_progress: bool = True
+    ) -> SyntheticSet:
+        """Synthesise the set; with ``out``, stream each finished batch to disk and resume from what is there."""
+        cfg = self.config
+        manifest = self.manifest()
+        folder = Path(out) if out is not None else None
+        if folder is not None:
+            done = self._prepare_folder(folder, manifest, overwrite)
+            if done is not None:
+                return done
+        labels = balanced_labels(cfg.num_images, self.num_classes, cfg.seed, cfg.draws)
+        batches = range(-(-cfg.num_images // cfg.batch_size))
+        images, summaries = [], []
+        start_time = time.perf_counter()
+        with self._synthesis_mode(), BNStatistics(self.model, cfg.bn_loss, cfg.first_bn_weight) as stats:
+            bar = progress(total=len(batches) * cfg.iterations, desc="synthesis", unit="it", disable=not show_progress)
+            for b in batches:
+                lo, hi = b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_images)
+                path = folder / shard_name(b) if folder is not None else None
+                if path is not None and path.exists():
+                    try:
+                        x, _, summary = read_shard(path)
+                        bar.update(cfg.iterations)
+                        summaries.append(summary)
+                        continue
+                    except BzqError as e:
+                        _logger.warning("%s: making it again", e)
+                x, summary = self._synthesise_batch(b, labels[lo:hi], stats, bar)
+                summaries.append(summary)
+                if path is not None:
+                    write_shard(path, x, labels[lo:hi], summary)
+                else:
+                    images.append(x.cpu())
+            bar.close()
+        manifest["synthesis_seconds"] = round(time.perf_counter() - start_time, 3)
+        manifest["batches"] = summaries
+        manifest["restarts"] = sum(s["restarts"] for s in summaries)
+        if folder is None:
+            return SyntheticSet(torch.cat(images), labels, manifest)
+        manifest["shards"] = [
+            {
+                "file": shard_name(b),
+                "start": b * cfg.batch_size,
+                "count": min(cfg.batch_size, cfg.num_images - b * cfg.batch_size),
+            }
+            for b in batches
+        ]
+        manifest["complete"] = True
+        result = SyntheticSet.load_unchecked(folder, manifest)
+        save_preview(result.images, manifest, folder / PREVIEW)
+        write_manifest(folder, manifest)
+        return result
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _prepare_folder(self, folder: Path, manifest: dict, overwrite: bool) -> SyntheticSet | None:
+        if (folder / MANIFEST).exists():
+            old = read_manifest(folder)
+            same = old.get("fingerprint") == manifest["fingerprint"] and old.get("config") == manifest["config"]
+            if not same and not overwrite:
+                raise BzqError(
+                    f"'{folder}' holds a different synthetic set (model {old.get('model')}, seed {old.get('seed')}); "
+                    "choose another --out, or pass --overwrite to replace it."
+                )
+            if not same:
+                shutil.rmtree(folder)
+            elif old.get("complete"):
+                check_compatible(old, folder, self.model, self.data_config)
+                return SyntheticSet.load(folder)
+        elif folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise BzqError(f"'{folder}' is not empty and holds no synthetic set; choose an empty or new folder.")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_manifest(folder, {**manifest, "complete": False})
+        return None
+
+    @contextlib.contextmanager
+    def _synthesis_mode(self):
+        """Eval mode, frozen parameters, channels_last; everything restored afterwards."""
+        model = self.model
+        was_training = model.training
+        grads = [p.requires_grad for p in model.parameters()]
+        device = next(iter(model.parameters())).device
+        model.eval().requires_grad_(False).to(self.device)
+        channels_last = self.device.type == "cpu" or self.device.type == "cuda"
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        try:
+            yield
+        finally:
+            if channels_last:
+                model.to(memory_format=torch.contiguous_format)
+            model.to(device).train(was_training)
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.requires_grad_(g)
+
+    def _synthesise_batch(
+        self, index: int, labels: torch.Tensor, stats: BNStatistics, bar
+    ) -> tuple[torch.Tensor, dict]:
+        lr = self.config.lr
+        for attempt in range(self.config.max_restarts + 1):
+            x, summary = self._optimise(index, labels, stats, bar, lr)
+            if x is not None:
+                summary["restarts"] = attempt
+                return x, summary
+            _logger.warning("batch %d: loss became non-finite; restarting it with lr %.3g", index, lr / 2)
+            lr /= 2
+        raise BzqError(
+            f"batch {index}: the loss stayed non-finite after {self.config.max_restarts} restarts; try a lower --lr."
+        )
+
+    def _optimise(self, index, labels, stats, bar, lr) -> tuple[torch.Tensor | None, dict]:
+        cfg, dev = self.config, self.device
+        n = labels.numel()
+        slots = -(-n // cfg.draws)
+        c, h, w = self.data_config["input_size"]
+        seed = cfg.seed * 1_000_003 + index  # the same batch whatever else is generated (resume, several ranks)
+        gen = torch.Generator(dev).manual_seed(seed)
+        rng = random.Random(seed)
+        target = labels.to(dev)
+        mean = torch.randn((slots, c, h, w), generator=gen, device=dev)
+        mean = torch.max(torch.min(mean, self.high), self.low).contiguous(memory_format=torch.channels_last)
+        params = [mean.requires_grad_()]
+        distribution = cfg.parameterization == "distribution"
+        if distribution:
+            log_std = torch.full_like(mean, math.log(cfg.init_std)).requires_grad_()
+            params.append(log_std)
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.iterations, 1))
+        history = torch.zeros(cfg.iterations + 1, device=dev)
+        finite = torch.ones((), dtype=torch.bool, device=dev)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+        def sample() -> torch.Tensor:
+            if not distribution:
+                return mean
+            eps = torch.randn((mean.shape[0], cfg.draws, *mean.shape[1:]), generator=gen, device=dev)
+            x = (mean[:, None] + log_std.exp()[:, None] * eps).flatten(0, 1)[:n]  # slot-major, as the labels
+            return torch.max(torch.min(x, self.high), self.low)
+
+        for step in range(cfg.iterations):
+            x = sample()
+            with amp:
+                logits = self.model(self._augment(x, rng))
+            bn = stats.loss()
+            loss = cfg.bn_weight * bn
+            if cfg.ce_weight:
+                loss = loss + cfg.ce_weight * F.cross_entropy(logits.float()[: target.numel()], target)
+            if cfg.tv_weight:
+                tv = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., 1:] - x[..., :-1]).pow(2).mean()
+                loss = loss + cfg.tv_weight * tv
+            if cfg.l2_weight:
+                loss = loss + cfg.l2_weight * x.pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                mean.copy_(torch.max(torch.min(mean, self.high), self.low))
+                history[step] = bn.detach()
+                finite &= torch.isfinite(loss)
+            if step % 25 == 24 or step == cfg.iterations - 1:
+                if not bool(finite):
+                    bar.update(cfg.iterations - step - 1)
+                    return None, {}
+                bar.set_postfix(batch=index, bn=f"{bn.item():.4f}")
+            bar.update(1)
+
+        with torch.no_grad():
+            x = sample().detach()
+            with amp:
+                logits = self.model(x.contiguous(memory_format=torch.channels_last))
+            per_channel = stats.channel_loss()
+            history[cfg.iterations] = (per_channel * stats.channel_weight).sum()
+        self.history.append(history.cpu())
+        summary = {
+            "batch": index,
+            "bn_loss_start": float(history[0]) if cfg.iterations else float(history[-1]),
+            "bn_loss_final": float(history[-1]),
+            "bn_loss_per_layer": [round(float(v), 6) for v in stats.per_layer(per_channel)],
+            "target_hit_rate": float((logits.float().argmax(1) == target).float().mean()),
+        }
+        return x.contiguous().float().cpu(), summary
+
+    def _augment(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """One random flip, shift and crop for the whole batch (drawn in Python: no device sync)."""
+        cfg = self.config
+        h, w = x.shape[-2:]
+        if cfg.flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        if cfg.jitter:
+            jy, jx = max(1, int(cfg.jitter * h)), max(1, int(cfg.jitter * w))
+            x = torch.roll(x, (rng.randint(-jy, jy), rng.randint(-jx, jx)), (-2, -1))
+        if cfg.crop_scale < 1:
+            side = math.sqrt(rng.uniform(cfg.crop_scale, 1.0))
+            ch, cw = max(1, round(side * h)), max(1, round(side * w))
+            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            x = F.interpolate(
+                x[..., top : top + ch, left : left + cw], size=(h, w), mode="bilinear", align_corners=False
+            )
+        return x

@@ -1,0 +1,141 @@
+"""Calibration sources behind one interface: ``gznq`` (ours), ``zeroq``, ``gaussian``, a real folder, a saved set.
+
+Third-party sources register with :func:`register_source` or through the ``brevitas_zeroshot.sources`` entry-point
+group; a source is a callable ``(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet``.
+"""
+
+import logging
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._errors import BzqError
+from ..models import resolve_data_config
+from ._calibrator import SyntheticCalibrator, balanced_labels
+from ._set import MANIFEST, SyntheticSet, model_fingerprint
+
+__all__ = ["create_calibration_set", "list_sources", "register_source", "ZEROQ_SETTINGS"]
+
+_logger = logging.getLogger(__name__)
+_SOURCES: dict[str, Callable[..., SyntheticSet]] = {}
+
+# ZeroQ-style baseline: square loss on BN statistics, plain pixels, no labels, priors or augmentation.
+ZEROQ_SETTINGS = dict(
+    bn_loss="l2", parameterization="pixel", ce_weight=0.0, tv_weight=0.0, l2_weight=0.0, jitter=0.0, flip=False
+)
+
+
+def register_source(name: str) -> Callable:
+    """Decorator: make a calibration source available as ``--calib NAME``."""
+
+    def wrap(fn: Callable[..., SyntheticSet]) -> Callable[..., SyntheticSet]:
+        _SOURCES[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_sources() -> list[str]:
+    _load_entry_points()
+    return sorted(_SOURCES)
+
+
+def _load_entry_points() -> None:
+    for ep in entry_points(group="brevitas_zeroshot.sources"):
+        if ep.name not in _SOURCES:
+            try:
+                _SOURCES[ep.name] = ep.load()
+            except Exception as e:  # a broken plug-in must not break the built-in sources
+                _logger.warning("calibration source plug-in '%s' failed to load: %s", ep.name, e)
+
+
+def create_calibration_set(
+    source: str | Path,
+    model: nn.Module,
+    data_config: dict | None = None,
+    num_images: int = 256,
+    seed: int = 0,
+    out: str | Path | None = None,
+    device: str | torch.device | None = None,
+    **settings,
+) -> SyntheticSet:
+    """Make (or read) the calibration set named by ``source`` for the float ``model``.
+
+    ``source`` is a registered name (``gznq``, ``zeroq``, ``gaussian``...), a folder written by ``bzq generate``,
+    or a real image folder / ``.tar`` (ImageFolder layout or ``labels.csv``).
+    """
+    data_config = data_config or resolve_data_config(model)
+    name = str(source)
+    _load_entry_points()
+    if name in _SOURCES:
+        return _SOURCES[name](model, data_config, num_images, seed, out, device, **settings)
+    path = Path(name)
+    if path.is_dir() and (path / MANIFEST).exists():
+        return SyntheticSet.load(path, model=model, data_config=data_config)
+    if path.exists():
+        return real_images(model, data_config, num_images, seed, out, device, folder=path)
+    raise BzqError(f"unknown calibration source '{name}': use one of {', '.join(list_sources())}, or a folder.")
+
+
+@register_source("gznq")
+def gznq(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
+    """Ours: BN-distribution matching (Gaussian KL) with a learned per-pixel image distribution."""
+    calib = SyntheticCalibrator(model, data_config, device, num_images=num_images, seed=seed, **settings)
+    return calib.generate(out)
+
+
+@register_source("zeroq")
+def zeroq(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
+    """Baseline: ZeroQ-style square loss on BN statistics over plain pixels."""
+    calib = SyntheticCalibrator(
+        model, data_config, device, num_images=num_images, seed=seed, **{**settings, **ZEROQ_SETTINGS}
+    )
+    result = calib.generate(out)
+    result.meta["source"] = "zeroq"
+    return result
+
+
+@register_source("gaussian")
+def gaussian(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
+    """Baseline: N(0, 1) noise in the normalised input space."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn((num_images, *data_config["input_size"]), generator=g)
+    labels = balanced_labels(num_images, data_config.get("num_classes") or 1, seed)
+    return _finish(SyntheticSet(images, labels, _meta("gaussian", model, data_config, seed)), out)
+
+
+def real_images(model, data_config, num_images, seed, out, device, folder: Path) -> SyntheticSet:
+    """Baseline: ``num_images`` real images drawn (seeded) from a labelled folder, with the model's eval transform."""
+    from ..data import ImageFolderDataset, create_eval_transform
+
+    dataset = ImageFolderDataset(folder, create_eval_transform(data_config))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=g)[:num_images].sort().values
+    pairs = [dataset[int(i)] for i in order]
+    images = torch.stack([p[0] for p in pairs])
+    labels = torch.tensor([p[1] for p in pairs])
+    meta = _meta("real", model, data_config, seed)
+    meta["folder"] = str(folder)
+    return _finish(SyntheticSet(images, labels, meta), out)
+
+
+def _meta(source: str, model: nn.Module, data_config: dict, seed: int) -> dict:
+    return {
+        "format_version": 1,
+        "source": source,
+        "model": getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
+        "fingerprint": model_fingerprint(model),
+        "input_size": list(data_config["input_size"]),
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+        "seed": seed,
+    }
+
+
+def _finish(result: SyntheticSet, out: str | Path | None) -> SyntheticSet:
+    if out is not None:
+        result.save(out)
+    return result

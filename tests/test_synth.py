@@ -1,0 +1,281 @@
+import copy
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brevitas_zeroshot import BzqError, create_loader, load_model
+from brevitas_zeroshot.synth import (
+    BNStatistics,
+    SynthesisConfig,
+    SyntheticCalibrator,
+    SyntheticSet,
+    find_bn_layers,
+)
+from brevitas_zeroshot.synth import _calibrator as calibrator_module
+from brevitas_zeroshot.synth._sources import create_calibration_set, list_sources, register_source
+
+TINY = dict(num_images=24, batch_size=8, iterations=6)
+
+
+@pytest.fixture(scope="module")
+def r20():
+    """cifar_resnet20 without pretrained weights but with non-trivial BN statistics (for tests that need no data)."""
+    model, cfg = load_model("cifar_resnet20", pretrained=False)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model, cfg
+
+
+def test_bn_layers_found_in_timm_families():
+    for name in ("tf_efficientnet_lite0", "mobilenetv3_small_100", "regnetx_002", "resnet18"):
+        model = timm.create_model(name, pretrained=False)
+        expected = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(find_bn_layers(model)) == len(expected) > 0
+    assert len(find_bn_layers(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))) == 1
+
+
+def test_kl_loss_is_zero_at_the_running_statistics_and_l2_agrees():
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    bn.running_var.copy_(torch.tensor([0.25, 4.0, 1.0]))
+    model = nn.Sequential(nn.Identity(), bn)
+    x = torch.randn(4096, 3, 4, 4)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), unbiased=False, keepdim=True)
+    x = x * bn.running_var.sqrt().view(1, 3, 1, 1) + bn.running_mean.view(1, 3, 1, 1)
+    for kind in ("kl", "l2"):
+        with BNStatistics(model, kind) as stats:
+            model(x)
+            assert stats.loss().item() == pytest.approx(0.0, abs=1e-4)
+            model(x * 2)
+            assert stats.loss().item() > 0.1
+
+
+def test_loss_falls_at_least_tenfold(resnet20):
+    model, cfg = resnet20
+    calib = SyntheticCalibrator(model, cfg, num_images=32, batch_size=32)
+    calib.generate(show_progress=False)
+    history = calib.history[0]
+    assert history[0] / history[-1] >= 10, history[::20]
+
+
+def test_set_is_deterministic_and_round_trips_bit_exactly(r20, tmp_path):
+    model, cfg = r20
+    a = SyntheticCalibrator(model, cfg, seed=5, **TINY).generate(show_progress=False)
+    b = SyntheticCalibrator(model, cfg, seed=5, **TINY).generate(tmp_path / "b", show_progress=False)
+    c = SyntheticCalibrator(model, cfg, seed=6, **TINY).generate(show_progress=False)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images)
+    again = SyntheticSet.load(tmp_path / "b", model=model, data_config=cfg)
+    assert torch.equal(again.images, b.images) and torch.equal(again.labels, b.labels)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["config"]["seed"] == 5 and manifest["versions"]["torch"] == torch.__version__
+    assert len(manifest["batches"][0]["bn_loss_per_layer"]) == 19
+    assert (tmp_path / "b" / "preview.png").stat().st_size > 0
+    c.save(tmp_path / "c")
+    assert torch.equal(SyntheticSet.load(tmp_path / "c").images, c.images)
+
+
+def test_images_stay_in_the_valid_pixel_range_and_labels_are_balanced(r20):
+    model, cfg = r20
+    s = SyntheticCalibrator(model, cfg, num_images=40, batch_size=20, iterations=5, lr=1.0).generate(
+        show_progress=False
+    )
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    pixels = s.images * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert torch.bincount(s.labels, minlength=10).tolist() == [4] * 10
+
+
+def test_resume_after_interruption_loses_nothing(r20, tmp_path, monkeypatch):
+    model, cfg = r20
+    full = SyntheticCalibrator(model, cfg, **TINY).generate(show_progress=False)
+    calls = []
+    original = calibrator_module.SyntheticCalibrator._synthesise_batch
+
+    def interrupted(self, index, *args):
+        calls.append(index)
+        if index == 2 and len(calls) < 4:
+            raise KeyboardInterrupt
+        return original(self, index, *args)
+
+    monkeypatch.setattr(calibrator_module.SyntheticCalibrator, "_synthesise_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path, show_progress=False)
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    with pytest.raises(BzqError, match="unfinished"):
+        SyntheticSet.load(tmp_path)
+    resumed = SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path, show_progress=False)
+    assert calls == [0, 1, 2, 2]  # batches 0 and 1 were not made again
+    assert torch.equal(resumed.images, full.images) and torch.equal(resumed.labels, full.labels)
+
+
+def test_damaged_shard_is_reported_on_load_and_remade_on_resume(r20, tmp_path):
+    model, cfg = r20
+    first = SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path, show_progress=False)
+    (tmp_path / "shard-00001.safetensors").write_bytes(b"\0garbage")
+    with pytest.raises(BzqError, match="damaged"):
+        SyntheticSet.load(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    again = SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path, show_progress=False)
+    assert torch.equal(again.images, first.images)
+
+
+def test_refuses_other_sets_models_and_sizes(r20, tmp_path):
+    model, cfg = r20
+    SyntheticCalibrator(model, cfg, seed=1, **TINY).generate(tmp_path / "s", show_progress=False)
+    with pytest.raises(BzqError, match="holds a different synthetic set"):
+        SyntheticCalibrator(model, cfg, seed=2, **TINY).generate(tmp_path / "s", show_progress=False)
+    other, _ = load_model("cifar_resnet20", pretrained=False)
+    with pytest.raises(BzqError, match="made for another model"):
+        SyntheticSet.load(tmp_path / "s", model=other)
+    with pytest.raises(BzqError, match="input size"):
+        SyntheticSet.load(tmp_path / "s", data_config={**cfg, "input_size": (3, 64, 64)})
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(BzqError, match="not empty"):
+        SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path / "busy", show_progress=False)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_model_without_batchnorm_is_refused():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
+    with pytest.raises(BzqError, match="no BatchNorm layer.*--calib gaussian"):
+        SyntheticCalibrator(vit)
+
+
+def test_model_in_training_mode_is_used_in_eval_and_left_untouched(r20):
+    model = copy.deepcopy(r20[0]).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    SyntheticCalibrator(model, r20[1], **TINY).generate(show_progress=False)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_non_finite_loss_restarts_the_batch_then_gives_up(r20, monkeypatch):
+    model, cfg = r20
+    original = BNStatistics.loss
+    seen = []
+
+    def flaky(self):
+        seen.append(1)
+        loss = original(self)
+        return loss * float("nan") if len(seen) <= 3 else loss  # only the first attempt goes bad
+
+    monkeypatch.setattr(BNStatistics, "loss", flaky)
+    s = SyntheticCalibrator(model, cfg, num_images=8, batch_size=8, iterations=30).generate(show_progress=False)
+    assert s.meta["restarts"] == 1 and torch.isfinite(s.images).all()
+
+    monkeypatch.setattr(BNStatistics, "loss", lambda self: original(self) * float("nan"))
+    with pytest.raises(BzqError, match="non-finite after 3 restarts"):
+        SyntheticCalibrator(model, cfg, num_images=8, batch_size=8, iterations=30).generate(show_progress=False)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(BzqError, match="bn_loss"):
+        SynthesisConfig(bn_loss="mse")
+    with pytest.raises(BzqError, match="multiple of draws"):
+        SynthesisConfig(batch_size=10, draws=3)
+    with pytest.raises(BzqError, match="unknown synthesis setting"):
+        SyntheticCalibrator(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)), iters=3)
+
+
+def test_loader_forward_loop_and_example_inputs(r20):
+    model, cfg = r20
+    s = SyntheticCalibrator(model, cfg, **TINY).generate(show_progress=False)
+    loader = s.loader(batch_size=10)
+    first = [(x.clone(), y.clone()) for x, y in loader]
+    second = list(loader)
+    assert len(loader) == len(first) == 3 and [len(x) for x, _ in first] == [10, 10, 4]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second, strict=True))
+    seen = []
+    probe = nn.Sequential(nn.Flatten())
+    probe.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    s.forward_loop(probe, batch_size=16)
+    assert seen == [16, 8]
+    assert s.example_inputs()[0].shape == (1, 3, 32, 32)
+
+
+def test_draws_share_one_learned_distribution(r20):
+    model, cfg = r20
+    s = SyntheticCalibrator(model, cfg, num_images=16, batch_size=16, iterations=5, draws=4).generate(
+        show_progress=False
+    )
+    assert len(s) == 16 and len(torch.unique(s.images.flatten(1), dim=0)) == 16
+    slot_labels = s.labels.view(4, 4)  # rows: slots; columns: the draws of a slot
+    assert (slot_labels == slot_labels[:, :1]).all() and len(slot_labels[:, 0].unique()) == 4
+
+
+def test_sources_share_one_interface(r20, tmp_path, cifar_train_calib):
+    model, cfg = r20
+    assert {"gznq", "zeroq", "gaussian"} <= set(list_sources())
+    g = create_calibration_set("gaussian", model, cfg, num_images=12, seed=1)
+    assert g.images.shape == (12, 3, 32, 32) and g.meta["source"] == "gaussian"
+    z = create_calibration_set("zeroq", model, cfg, num_images=8, batch_size=8, iterations=3)
+    assert z.meta["source"] == "zeroq" and z.meta["config"]["bn_loss"] == "l2"
+    real = create_calibration_set(cifar_train_calib, model, cfg, num_images=20, seed=0)
+    assert real.images.shape == (20, 3, 32, 32) and real.meta["source"] == "real"
+    ours = create_calibration_set("gznq", model, cfg, num_images=8, batch_size=8, iterations=3, out=tmp_path / "s")
+    assert torch.equal(create_calibration_set(tmp_path / "s", model, cfg).images, ours.images)
+    with pytest.raises(BzqError, match="unknown calibration source 'nope'"):
+        create_calibration_set("nope", model, cfg)
+
+    @register_source("ones")
+    def ones(model, data_config, num_images, seed, out, device, **settings):
+        return SyntheticSet(torch.ones(num_images, *data_config["input_size"]), torch.zeros(num_images).long())
+
+    assert create_calibration_set("ones", model, cfg, num_images=3).images.sum() == 3 * 3 * 32 * 32
+
+
+def _w4_bias_corrected(model: nn.Module, calib: torch.Tensor) -> nn.Module:
+    """4-bit per-channel weights, biases corrected by the mean output shift measured on ``calib``."""
+    q = copy.deepcopy(model).eval()
+    layers = [m for m in q.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    float_w = {m: m.weight.detach().clone() for m in layers}
+    for m in layers:
+        w = m.weight.data
+        scale = w.abs().flatten(1).amax(1).view(-1, *[1] * (w.dim() - 1)) / 7
+        m.weight.data = (w / scale).round().clamp(-7, 7) * scale
+    shift = {m: 0.0 for m in layers}
+
+    def hook(m, args, out):
+        if isinstance(m, nn.Conv2d):
+            ref = F.conv2d(args[0], float_w[m], m.bias, m.stride, m.padding, m.dilation, m.groups)
+        else:
+            ref = F.linear(args[0], float_w[m], m.bias)
+        shift[m] = shift[m] + (ref - out).transpose(0, 1).flatten(1).mean(1) * len(out) / len(calib)
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    with torch.no_grad():
+        for i in range(0, len(calib), 64):
+            q(calib[i : i + 64])
+    for h in handles:
+        h.remove()
+    for m in layers:
+        m.bias = nn.Parameter(shift[m] if m.bias is None else m.bias.data + shift[m])
+    return q
+
+
+@pytest.mark.slow
+def test_synthetic_data_corrects_biases_better_than_noise(resnet20, cifar_test_dev):
+    model, cfg = resnet20
+    loader = create_loader(cifar_test_dev, cfg, batch_size=500, workers=0)
+    synthetic = SyntheticCalibrator(model, cfg, num_images=128, batch_size=64).generate(show_progress=False)
+    noise = create_calibration_set("gaussian", model, cfg, num_images=128)
+
+    @torch.no_grad()
+    def agreement(q):
+        return sum((q(x).argmax(1) == model(x).argmax(1)).sum().item() for x, _ in loader) / 50.0
+
+    synth_agree, noise_agree = agreement(_w4_bias_corrected(model, synthetic.images)), agreement(
+        _w4_bias_corrected(model, noise.images)
+    )
+    assert synth_agree > noise_agree + 1.0, (synth_agree, noise_agree)
