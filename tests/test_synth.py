@@ -275,7 +275,8 @@ def test_synthetic_data_corrects_biases_better_than_noise(resnet20, cifar_test_d
     def agreement(q):
         return sum((q(x).argmax(1) == model(x).argmax(1)).sum().item() for x, _ in loader) / 50.0
 
-    synth_agree, noise_agree = agreement(_w4_bias_corrected(model, synthetic.images)), agreement(
-        _w4_bias_corrected(model, noise.images)
+    synth_agree, noise_agree = (
+        agreement(_w4_bias_corrected(model, synthetic.images)),
+        agreement(_w4_bias_corrected(model, noise.images)),
     )
     assert synth_agree > noise_agree + 1.0, (synth_agree, noise_agree)

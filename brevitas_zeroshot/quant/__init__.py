@@ -1,0 +1,8 @@
+from ._api import load_quantized as load_quantized
+from ._api import quantize as quantize
+from ._api import save_quantized as save_quantized
+from ._brevitas import BrevitasConfig as BrevitasConfig
+from ._pt2e import PT2EConfig as PT2EConfig
+from ._pt2e import default_quantizer as default_quantizer
+
+__all__ = ["BrevitasConfig", "PT2EConfig", "default_quantizer", "load_quantized", "quantize", "save_quantized"]

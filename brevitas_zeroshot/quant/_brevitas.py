@@ -1,0 +1,277 @@
+"""Brevitas backend: graph preprocessing with BN merge, quantization, calibration, GPTQ/GPFQ, bias correction.
+
+Talks to Brevitas's core API (``brevitas.graph``), not to the example scripts shipped in its wheel.
+"""
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._errors import BzqError
+from .._utils import progress
+from ..synth import SyntheticSet
+
+__all__ = ["BrevitasConfig", "quantize_brevitas", "prepare_for_brevitas", "build_quant_model"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BrevitasConfig:
+    """A Brevitas PTQ scheme: integer weights (per-channel, symmetric) and per-tensor activations."""
+
+    w_bits: int = 8
+    a_bits: int = 8
+    first_last_bits: int | None = 8  # None: the first and last layers get w_bits/a_bits too
+    weight_granularity: str = "per_channel"  # or "per_tensor"
+    act_percentile: float = 99.999
+    equalize_iters: int = 20
+    gptq: bool | None = None  # None: on when w_bits < 8
+    gpfq: bool = False
+    bias_correction: bool = True
+    calib_batch_size: int = 32
+    graph: str = "auto"  # "fx" (graph mode, BN merged), "layerwise", or "auto" (fx, else layerwise)
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if not 2 <= bits <= 16:
+                raise BzqError(f"{name}={bits}: Brevitas integer quantization here takes 2 to 16 bits.")
+        if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 16:
+            raise BzqError(f"first_last_bits={self.first_last_bits}: must be 2 to 16, or None.")
+        if self.weight_granularity not in ("per_channel", "per_tensor"):
+            raise BzqError("weight_granularity must be 'per_channel' or 'per_tensor'.")
+        if self.graph not in ("auto", "fx", "layerwise"):
+            raise BzqError("graph must be 'auto', 'fx' or 'layerwise'.")
+        if self.gptq and self.gpfq:
+            raise BzqError("choose GPTQ or GPFQ, not both.")
+        if not 0 < self.act_percentile <= 100:
+            raise BzqError("act_percentile must be in (0, 100].")
+
+    @property
+    def use_gptq(self) -> bool:
+        return (self.w_bits < 8 and not self.gpfq) if self.gptq is None else self.gptq
+
+
+def prepare_for_brevitas(model: nn.Module) -> nn.Module:
+    """A copy of the float model that Brevitas's FX path can trace and BN-merge.
+
+    timm's ``BatchNormAct2d`` (BN + activation in one module) becomes a plain ``nn.BatchNorm2d`` followed by its
+    activation: Brevitas merges BN only when the type is exactly ``nn.BatchNorm2d``, and its quant tensors fail
+    inside the fused module.
+    """
+    from timm.layers import BatchNormAct2d
+
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BatchNormAct2d):
+                bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine)
+                bn.load_state_dict(child.state_dict())
+                bn.eval()
+                setattr(parent, name, nn.Sequential(bn, child.drop, child.act))
+    return model
+
+
+def _quantizers(config: BrevitasConfig):
+    from brevitas.core.scaling import ParameterFromStatsFromParameterScaling
+    from brevitas.quant import (
+        Int8ActPerTensorFloat,
+        Int8WeightPerChannelFloat,
+        Int8WeightPerTensorFloat,
+        Int32Bias,
+        Uint8ActPerTensorFloat,
+    )
+
+    base = Int8WeightPerChannelFloat if config.weight_granularity == "per_channel" else Int8WeightPerTensorFloat
+    # Parameter-from-stats scaling: with the default runtime-stats scale GPTQ silently changes nothing.
+    weight = base.let(scaling_impl=ParameterFromStatsFromParameterScaling)
+    signed = Int8ActPerTensorFloat.let(high_percentile_q=config.act_percentile)
+    unsigned = Uint8ActPerTensorFloat.let(high_percentile_q=config.act_percentile)
+    return weight, signed, unsigned, Int32Bias
+
+
+def _edge_layers(model: nn.Module, float_model: nn.Module) -> tuple[str | None, str | None]:
+    """Names of the first conv and the classifier (timm's pretrained_cfg, else the first/last compute layer)."""
+    cfg = getattr(float_model, "pretrained_cfg", {}) or {}
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    first = cfg.get("first_conv") if cfg.get("first_conv") in names else (names[0] if names else None)
+    last = cfg.get("classifier") if cfg.get("classifier") in names else (names[-1] if names else None)
+    return first, last
+
+
+def build_quant_model(float_model: nn.Module, config: BrevitasConfig) -> tuple[nn.Module, dict]:
+    """The quantized (not yet calibrated) model and a report of how it was built. Deterministic: reloading a
+    saved model calls this again and loads the state dict."""
+    import brevitas.nn as qnn
+    from brevitas.graph.quantize import (
+        COMPUTE_LAYER_MAP,
+        LAYERWISE_COMPUTE_LAYER_MAP,
+        QUANT_ACT_MAP,
+        layerwise_quantize,
+        preprocess_for_quantize,
+        quantize,
+    )
+
+    weight, signed, unsigned, bias = _quantizers(config)
+    wb, ab = config.w_bits, config.a_bits
+    hb = config.first_last_bits or None
+    report = {"graph": None, "notes": []}
+    model = prepare_for_brevitas(float_model)
+    first, last = _edge_layers(model, float_model)
+    edge = {id(model.get_submodule(n)) for n in (first, last) if n is not None} if hb else set()
+
+    # Brevitas evaluates lambdas (only lambdas) in layer-map kwargs once per original module.
+    w_bits = lambda module: hb if id(module) in edge else wb  # noqa: E731
+
+    graph = None
+    if config.graph in ("auto", "fx"):
+        try:
+            graph = preprocess_for_quantize(
+                model, equalize_iters=config.equalize_iters, merge_bn=True, relu6_to_relu=False
+            )
+        except Exception as e:
+            if config.graph == "fx":
+                raise BzqError(
+                    f"Brevitas could not trace {type(float_model).__name__}: {e}; try graph=layerwise."
+                ) from e
+            report["notes"].append(f"FX tracing failed ({type(e).__name__}: {str(e)[:200]}); used layerwise mode")
+            _logger.warning("Brevitas graph mode cannot trace this model (%s); falling back to layerwise mode.", e)
+    if graph is not None:
+        layer_map = {k: v for k, v in COMPUTE_LAYER_MAP.items()}
+        for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
+            qcls, kwargs = COMPUTE_LAYER_MAP[cls]
+            layer_map[cls] = (qcls, {**kwargs, "weight_quant": weight, "weight_bit_width": w_bits, "bias_quant": bias})
+        act_map = {k: v for k, v in QUANT_ACT_MAP.items()}
+        act_map[nn.ReLU] = (qnn.QuantReLU, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True})
+        act_map[nn.ReLU6] = (qnn.QuantReLU, {**QUANT_ACT_MAP[nn.ReLU6][1], "bit_width": ab})
+        identity_map = {
+            "signed": (qnn.QuantIdentity, {"act_quant": signed, "bit_width": ab, "return_quant_tensor": True}),
+            "unsigned": (qnn.QuantIdentity, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True}),
+        }
+        qmodel = quantize(graph, quant_identity_map=identity_map, compute_layer_map=layer_map, quant_act_map=act_map)
+        _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
+        report["graph"] = "fx"
+    else:
+        layer_map = dict(LAYERWISE_COMPUTE_LAYER_MAP)
+        for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
+            qcls, kwargs = LAYERWISE_COMPUTE_LAYER_MAP[cls]
+            layer_map[cls] = (
+                qcls,
+                {
+                    **kwargs,
+                    "weight_quant": weight,
+                    "weight_bit_width": w_bits,
+                    "input_quant": signed,
+                    "input_bit_width": lambda module: hb if id(module) in edge else ab,
+                    "bias_quant": None,
+                },
+            )
+        qmodel = layerwise_quantize(model, compute_layer_map=layer_map)
+        report["graph"] = "layerwise"
+        report["notes"].append("layerwise mode: BatchNorm stays in float, activations quantized at layer inputs")
+    report["float_layers"] = _float_layers(qmodel)
+    return qmodel.eval(), report
+
+
+def _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report) -> None:
+    """FX mode quantizes the network input and the classifier input at a_bits, and adds a quantizer on the logits.
+    Give the input and classifier-input quantizers ``first_last_bits`` and keep the logits in float."""
+    import brevitas.nn as qnn
+
+    graph = qmodel.graph
+    modules = dict(qmodel.named_modules())
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), qnn.QuantIdentity):
+            continue
+        src = node.args[0] if node.args else None
+        feeds_classifier = any(u.op == "call_module" and u.target == last for u in node.users)
+        after_classifier = getattr(src, "op", None) == "call_module" and src.target == last
+        is_input = getattr(src, "op", None) == "placeholder"
+        if after_classifier and all(u.op == "output" for u in node.users):
+            qmodel.add_submodule(node.target, nn.Identity())
+            qmodel.get_submodule(last).return_quant_tensor = False
+            report["notes"].append("logits left in float")
+        elif hb and (is_input or feeds_classifier):
+            old = modules[node.target]
+            act = signed if old.act_quant.is_signed else unsigned
+            qmodel.add_submodule(node.target, qnn.QuantIdentity(act_quant=act, bit_width=hb, return_quant_tensor=True))
+    qmodel.recompile()
+
+
+def _float_layers(qmodel: nn.Module) -> list[str]:
+    """Names of compute layers that were left unquantized."""
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    quantized = {id(m) for m in qmodel.modules() if isinstance(m, QuantWeightBiasInputOutputLayer)}
+    return [
+        f"{n} ({type(m).__name__})"
+        for n, m in qmodel.named_modules()
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and id(m) not in quantized
+    ]
+
+
+def _weights(qmodel: nn.Module) -> dict[str, torch.Tensor]:
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    return {
+        n: m.quant_weight().value.detach().clone()
+        for n, m in qmodel.named_modules()
+        if isinstance(m, QuantWeightBiasInputOutputLayer)
+    }
+
+
+@torch.no_grad()
+def quantize_brevitas(
+    float_model: nn.Module, calib: SyntheticSet, config: BrevitasConfig | None = None
+) -> tuple[nn.Module, dict]:
+    """Quantize a copy of ``float_model`` with Brevitas, calibrated on ``calib`` (made from the float model first).
+
+    Steps: graph preprocessing (BN merge, equalisation), quantization, activation calibration, GPTQ (or GPFQ) on
+    the weights, bias correction. Every step iterates the same materialised calibration set.
+    """
+    from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
+
+    config = config or BrevitasConfig()
+    qmodel, report = build_quant_model(float_model, config)
+    device = next(float_model.parameters()).device
+    qmodel.to(device)
+    loader = calib.loader(config.calib_batch_size)
+
+    def run(model: nn.Module, desc: str) -> None:
+        for images, _ in progress(loader, desc=desc, unit="batch"):
+            model(images.to(device))
+
+    qmodel(next(iter(loader))[0].to(device))  # some quantizers initialise their scales on the first forward
+    with calibration_mode(qmodel):
+        run(qmodel, "calibration")
+    before = _weights(qmodel)
+    if config.use_gptq:
+        from brevitas.graph.gptq import gptq_mode
+
+        with gptq_mode(qmodel, use_quant_activations=True, act_order=False, create_weight_orig=False) as gptq:
+            for _ in progress(range(gptq.num_layers), desc="GPTQ", unit="layer"):
+                for x, _ in loader:
+                    gptq.model(x.to(device))
+                gptq.update()
+    elif config.gpfq:
+        from brevitas.graph.gpfq import gpfq_mode
+
+        with gpfq_mode(qmodel, use_quant_activations=True, create_weight_orig=False) as gpfq:
+            for _ in progress(range(gpfq.num_layers), desc="GPFQ", unit="layer"):
+                for x, _ in loader:
+                    gpfq.model(x.to(device))
+                gpfq.update()
+    after = _weights(qmodel)
+    changed = sum((before[k] != after[k]).sum().item() for k in before)
+    total = sum(v.numel() for v in before.values())
+    report["weights_changed_by_gptq"] = changed / max(total, 1) if (config.use_gptq or config.gpfq) else 0.0
+    if (config.use_gptq or config.gpfq) and changed == 0:
+        raise BzqError("GPTQ/GPFQ ran but changed no quantized weight; the weight quantizer ignores it.")
+    if config.bias_correction:
+        with bias_correction_mode(qmodel):
+            run(qmodel, "bias correction")
+    return qmodel.eval(), report

@@ -1,0 +1,99 @@
+"""PT2E backend (torch.export + torchao.quantization.pt2e): any Quantizer, X86InductorQuantizer by default."""
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import BzqError
+from .._utils import progress
+from ..synth import SyntheticSet
+
+__all__ = ["PT2EConfig", "quantize_pt2e", "default_quantizer"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PT2EConfig:
+    """A PT2E scheme. ``quantizer`` is any ``torchao.quantization.pt2e.quantizer.Quantizer``; by default
+    XNNPACK's when ExecuTorch is installed and ``target="xnnpack"``, else X86 Inductor (8-bit static, per-channel
+    weights)."""
+
+    w_bits: int = 8
+    a_bits: int = 8
+    quantizer: Any = None
+    target: str = "x86"  # "x86" (Inductor) or "xnnpack" (ExecuTorch)
+    calib_batch_size: int = 32
+    notes: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from torchao.quantization.pt2e.quantizer import Quantizer
+
+        if self.quantizer is not None and not isinstance(self.quantizer, Quantizer):
+            raise BzqError(
+                "quantizer must be a torchao.quantization.pt2e.quantizer.Quantizer, "
+                f"not {type(self.quantizer).__name__}."
+            )
+        if self.quantizer is None and (self.w_bits, self.a_bits) != (8, 8):
+            raise BzqError(
+                f"the default PT2E quantizers are 8-bit only (asked W{self.w_bits}A{self.a_bits}); use the Brevitas "
+                "backend for other bit widths, or pass your own Quantizer."
+            )
+        if self.target not in ("x86", "xnnpack"):
+            raise BzqError("target must be 'x86' or 'xnnpack'.")
+
+
+def default_quantizer(target: str = "x86"):
+    """X86InductorQuantizer (static, per-channel weights), or ExecuTorch's XNNPACKQuantizer for ``xnnpack``."""
+    if target == "xnnpack":
+        try:
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+        except ImportError as e:
+            raise BzqError("target 'xnnpack' needs ExecuTorch: pip install executorch.") from e
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+
+
+def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch dimension; a model it cannot capture gets one clear error."""
+    try:
+        return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise BzqError(
+            f"torch.export cannot capture {type(model).__name__}: {type(e).__name__}: {first}. "
+            "Try the Brevitas backend (--backend brevitas)."
+        ) from e
+
+
+@torch.no_grad()
+def quantize_pt2e(
+    float_model: nn.Module, calib: SyntheticSet, config: PT2EConfig | None = None
+) -> tuple[nn.Module, dict]:
+    """Export a copy of the float model, prepare it with the quantizer, calibrate on ``calib``, convert."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    config = config or PT2EConfig()
+    quantizer = config.quantizer or default_quantizer(config.target)
+    model = copy.deepcopy(float_model).eval()
+    device = next(model.parameters()).device
+    example = calib.example_inputs(2)[0].to(device)
+    program = export_program(model, example)
+    prepared = prepare_pt2e(program.module(), quantizer)
+    for images, _ in progress(calib.loader(config.calib_batch_size), desc="calibration", unit="batch"):
+        prepared(images.to(device))
+    converted = convert_pt2e(prepared)
+    report = {"graph": "pt2e", "quantizer": type(quantizer).__name__, "notes": list(config.notes)}
+    return converted, report
