@@ -46,6 +46,17 @@ def _root(
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
+def _is_quantized(name: str) -> bool:
+    """Whether a Hub repo holds a model written by ``bzq quantize`` (rather than timm weights)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(name[len("hf-hub:") :], "quant_config.json")
+        return True
+    except Exception:
+        return False
+
+
 def _not_yet(what: str) -> None:
     raise BzqError(f"{what} is not available in brevitas-zeroshot {_version()} yet.")
 
@@ -67,7 +78,7 @@ def _emit(result: dict, as_json: bool, title: str) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: ModelArg,
+    model: Annotated[str, typer.Argument(help="timm model name, or a folder written by `bzq quantize`.")],
     data: Annotated[Path, typer.Option("--data", help="Image folder: <class>/<image> layout or labels.csv.")],
     checkpoint: CheckpointOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
@@ -76,18 +87,29 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Top-1/top-5 of a model on a real labelled image folder, with the model's own timm eval transform."""
+    """Top-1/top-5 on a real labelled image folder with the model's timm eval transform.
+
+    MODEL may be a folder written by `bzq quantize`: then agreement and KL against its float model are reported.
+    """
     from ._evaluate import evaluate
+    from ._utils import resolve_device
     from .data import create_loader
     from .models import load_model
+    from .quant import load_quantized
 
-    if Path(model).is_dir():
-        _not_yet("Evaluating a quantized output directory (written by `bzq quantize`)")
-    net, data_config = load_model(model, checkpoint=checkpoint)
+    dev = resolve_device(device)
+    reference = None
+    if Path(model).is_dir() or (model.startswith("hf-hub:") and _is_quantized(model)):
+        net, data_config = load_quantized(model)
+        if net.bzq_meta["quantization"]["backend"] != "pt2e":  # an exported program stays where it was saved
+            net.to(dev)
+        reference, _ = load_model(net.bzq_meta["model"], checkpoint=checkpoint)
+        reference.to(dev)
+    else:
+        net, data_config = load_model(model, checkpoint=checkpoint)
+        net.to(dev)
     loader = create_loader(data, data_config, batch_size=batch_size, workers=workers, limit=limit)
-    from ._utils import resolve_device
-
-    result = evaluate(net.to(resolve_device(device)), loader, device=device)
+    result = evaluate(net, loader, reference=reference, device=dev)
     _emit({"model": model, **result}, as_json, f"{model} on {data}")
 
 
@@ -151,9 +173,156 @@ def generate(
 
 
 @app.command()
-def quantize() -> None:
-    """Quantize a model with Brevitas or PT2E calibrated on synthetic images (not available yet)."""
-    _not_yet("`bzq quantize`")
+def quantize(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Output folder (model, quant_config.json, results.json).")],
+    backend: Annotated[str, typer.Option("--backend", help="brevitas or pt2e.")] = "brevitas",
+    w_bits: Annotated[int, typer.Option("--w-bits", help="Weight bits.")] = 8,
+    a_bits: Annotated[int, typer.Option("--a-bits", help="Activation bits.")] = 8,
+    calib: Annotated[
+        str, typer.Option("--calib", help="gznq (ours), zeroq, gaussian, a real image folder, or a generated set.")
+    ] = "gznq",
+    checkpoint: CheckpointOpt = None,
+    images: Annotated[int, typer.Option("--images", min=1, help="Calibration images.")] = 128,
+    iterations: Annotated[int, typer.Option("--iterations", min=0, help="Synthesis steps per batch.")] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Synthesis batch size.")] = 64,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Real labelled images to evaluate float and quantized models.")
+    ] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", min=1, help="Evaluate the first N only.")] = None,
+    first_last_bits: Annotated[
+        int, typer.Option("--first-last-bits", help="Bits of the first and last layers (brevitas); 0: as the rest.")
+    ] = 8,
+    gptq: Annotated[
+        bool | None, typer.Option("--gptq/--no-gptq", help="GPTQ on weights (default: on below 8 bits).")
+    ] = None,
+    gpfq: Annotated[bool, typer.Option("--gpfq", help="GPFQ instead of GPTQ (brevitas).")] = False,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction")] = True,
+    graph: Annotated[str, typer.Option("--graph", help="brevitas: auto, fx or layerwise.")] = "auto",
+    target: Annotated[str, typer.Option("--target", help="pt2e: x86 (Inductor) or xnnpack (ExecuTorch).")] = "x86",
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export ONNX QCDQ (brevitas).")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a quantized model already in --out.")] = False,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize a model with Brevitas or PT2E, calibrated on synthetic images (or another source)."""
+    from .quant import BrevitasConfig, PT2EConfig
+    from .quant._api import prepare_output
+
+    if backend == "brevitas":
+        config = BrevitasConfig(
+            w_bits=w_bits,
+            a_bits=a_bits,
+            first_last_bits=first_last_bits or None,
+            gptq=gptq,
+            gpfq=gpfq,
+            bias_correction=bias_correction,
+            graph=graph,
+        )
+    elif backend == "pt2e":
+        config = PT2EConfig(w_bits=w_bits, a_bits=a_bits, target=target)
+    else:
+        raise BzqError(f"unknown backend '{backend}': use brevitas or pt2e.")
+    prepare_output(out, overwrite)  # everything is checked before any synthesis is spent
+    result = run_quantize(
+        model,
+        config,
+        calib,
+        out,
+        checkpoint=checkpoint,
+        images=images,
+        seed=seed,
+        eval_data=eval_data,
+        eval_limit=eval_limit,
+        device=device,
+        export_onnx=onnx,
+        iterations=iterations,
+        batch_size=batch_size,
+    )
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"{model} {backend} W{w_bits}A{a_bits}, calibrated on {calib} ({images} images) -> {out}")
+    for key in ("float", "quantized"):
+        if key in result:
+            r = result[key]
+            extra = f"  agreement {r['agreement']:.2f}%  KL {r['kl']:.4f}" if "agreement" in r else ""
+            print(f"  {key:>9}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (n={r['n']}){extra}")
+    for note in result["report"].get("notes", []):
+        print(f"  note: {note}")
+
+
+def run_quantize(
+    model: str,
+    config,
+    calib: str,
+    out: Path,
+    *,
+    checkpoint: Path | None = None,
+    images: int = 128,
+    seed: int = 0,
+    eval_data: Path | None = None,
+    eval_limit: int | None = None,
+    device: str = "auto",
+    export_onnx: bool = True,
+    **synthesis,
+) -> dict:
+    """Load, calibrate (synthesising into OUT/calibration, resumable), quantize, save, evaluate; results.json."""
+    import time
+
+    from ._evaluate import evaluate
+    from ._utils import resolve_device
+    from .data import create_loader
+    from .models import load_model
+    from .quant import quantize as quantize_model
+    from .quant import save_quantized
+    from .synth._sources import create_calibration_set
+
+    dev = resolve_device(device)
+    net, data_config = load_model(model, checkpoint=checkpoint)
+    net.to(dev)
+    loader = create_loader(eval_data, data_config, limit=eval_limit) if eval_data is not None else None
+    t0 = time.perf_counter()
+    generated = calib in ("gznq", "zeroq")
+    calib_set = create_calibration_set(
+        calib,
+        net,
+        data_config,
+        num_images=images,
+        seed=seed,
+        device=dev,
+        out=out / "calibration" if generated else None,
+        **(synthesis if generated else {}),
+    )
+    t1 = time.perf_counter()
+    qmodel, report = quantize_model(net, calib_set, config)
+    t2 = time.perf_counter()
+    save_quantized(
+        qmodel,
+        out,
+        model_name=model,
+        config=config,
+        data_config=data_config,
+        calib=calib_set,
+        report=report,
+        export_onnx=export_onnx,
+    )
+    result = {
+        "model": model,
+        "backend": "brevitas" if type(config).__name__ == "BrevitasConfig" else "pt2e",
+        "w_bits": config.w_bits,
+        "a_bits": config.a_bits,
+        "calibration": {"source": calib_set.meta.get("source"), "images": len(calib_set), "seed": seed},
+        "report": report,
+        "seconds": {"calibration_set": round(t1 - t0, 2), "quantization": round(t2 - t1, 2)},
+    }
+    if loader is not None:
+        result["eval_data"] = str(eval_data)
+        result["float"] = evaluate(net, loader, device=dev)
+        result["quantized"] = evaluate(qmodel, loader, reference=net, device=dev)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 @app.command()

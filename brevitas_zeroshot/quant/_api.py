@@ -29,9 +29,9 @@ def quantize(model: nn.Module, calib: SyntheticSet, config: BrevitasConfig | PT2
     raise BzqError(f"unknown quantization config {type(config).__name__}: use BrevitasConfig or PT2EConfig.")
 
 
-def _config_dict(config: BrevitasConfig | PT2EConfig) -> dict:
-    if isinstance(config, BrevitasConfig):
-        return {"backend": "brevitas", **asdict(config)}
+def _config_dict(config: BrevitasConfig | PT2EConfig, report: dict) -> dict:
+    if isinstance(config, BrevitasConfig):  # the graph mode actually used, so a reload rebuilds the same model
+        return {"backend": "brevitas", **asdict(config), "graph": report.get("graph") or config.graph}
     d = {k: v for k, v in asdict(config).items() if k != "quantizer"}
     return {"backend": "pt2e", **d, "quantizer": type(config.quantizer).__name__ if config.quantizer else None}
 
@@ -77,7 +77,7 @@ def save_quantized(
     meta = {
         "format_version": 1,
         "model": model_name,
-        "quantization": _config_dict(config),
+        "quantization": _config_dict(config, report),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "calibration": {
             "source": calib_meta.get("source"),
@@ -133,7 +133,7 @@ def load_quantized(source: str | Path, device: str | torch.device | None = None)
         from safetensors.torch import load_file
 
         float_model, _ = load_model(meta["model"], pretrained=False)
-        model, _ = build_quant_model(float_model, BrevitasConfig(**q))
+        model, _ = build_quant_model(float_model, BrevitasConfig(**q), tuple(data_config["input_size"]))
         with load_quant_model_mode(model):
             model.load_state_dict(load_file(str(folder / meta["files"]["weights"])))
         model.eval()

@@ -56,23 +56,50 @@ class BrevitasConfig:
         return (self.w_bits < 8 and not self.gpfq) if self.gptq is None else self.gptq
 
 
-def prepare_for_brevitas(model: nn.Module) -> nn.Module:
-    """A copy of the float model that Brevitas's FX path can trace and BN-merge.
+def prepare_for_brevitas(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
+    """A copy of the float model that Brevitas's FX path can trace and BN-merge, for inputs of ``input_size``.
 
-    timm's ``BatchNormAct2d`` (BN + activation in one module) becomes a plain ``nn.BatchNorm2d`` followed by its
-    activation: Brevitas merges BN only when the type is exactly ``nn.BatchNorm2d``, and its quant tensors fail
-    inside the fused module.
+    * timm's ``BatchNormAct2d`` (BN + activation in one module) becomes a plain ``nn.BatchNorm2d`` followed by its
+      activation: Brevitas merges BN only when the type is exactly ``nn.BatchNorm2d``, and its quant tensors fail
+      inside the fused module.
+    * timm's ``Conv2dSame`` (TensorFlow "SAME" padding computed from the input at run time, which FX cannot trace)
+      becomes a fixed ``ZeroPad2d`` + ``nn.Conv2d`` for this input size.
     """
-    from timm.layers import BatchNormAct2d
+    from timm.layers import BatchNormAct2d, Conv2dSame
+    from timm.layers.padding import pad_same_arg
 
     model = copy.deepcopy(model).eval()
+    same_inputs: dict[int, tuple[int, int]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: same_inputs.__setitem__(id(mod), tuple(args[0].shape[-2:])))
+        for m in model.modules()
+        if isinstance(m, Conv2dSame)
+    ]
+    if hooks:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+        for h in hooks:
+            h.remove()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, BatchNormAct2d):
                 bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine)
                 bn.load_state_dict(child.state_dict())
-                bn.eval()
-                setattr(parent, name, nn.Sequential(bn, child.drop, child.act))
+                setattr(parent, name, nn.Sequential(bn.eval(), child.drop, child.act))
+            elif isinstance(child, Conv2dSame):
+                pads = pad_same_arg(same_inputs[id(child)], child.kernel_size, child.stride, child.dilation)
+                conv = nn.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    0,
+                    child.dilation,
+                    child.groups,
+                    child.bias is not None,
+                )
+                conv.load_state_dict(child.state_dict())
+                setattr(parent, name, nn.Sequential(nn.ZeroPad2d(pads), conv.to(child.weight.device)))
     return model
 
 
@@ -103,7 +130,9 @@ def _edge_layers(model: nn.Module, float_model: nn.Module) -> tuple[str | None, 
     return first, last
 
 
-def build_quant_model(float_model: nn.Module, config: BrevitasConfig) -> tuple[nn.Module, dict]:
+def build_quant_model(
+    float_model: nn.Module, config: BrevitasConfig, input_size: tuple[int, int, int]
+) -> tuple[nn.Module, dict]:
     """The quantized (not yet calibrated) model and a report of how it was built. Deterministic: reloading a
     saved model calls this again and loads the state dict."""
     import brevitas.nn as qnn
@@ -120,7 +149,7 @@ def build_quant_model(float_model: nn.Module, config: BrevitasConfig) -> tuple[n
     wb, ab = config.w_bits, config.a_bits
     hb = config.first_last_bits or None
     report = {"graph": None, "notes": []}
-    model = prepare_for_brevitas(float_model)
+    model = prepare_for_brevitas(float_model, input_size)
     first, last = _edge_layers(model, float_model)
     edge = {id(model.get_submodule(n)) for n in (first, last) if n is not None} if hb else set()
 
@@ -154,8 +183,21 @@ def build_quant_model(float_model: nn.Module, config: BrevitasConfig) -> tuple[n
         }
         qmodel = quantize(graph, quant_identity_map=identity_map, compute_layer_map=layer_map, quant_act_map=act_map)
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
-        report["graph"] = "fx"
-    else:
+        try:
+            with torch.no_grad():
+                qmodel.eval()(torch.zeros(2, *input_size, device=next(qmodel.parameters()).device))
+            report["graph"] = "fx"
+        except Exception as e:  # an op Brevitas's quant tensors do not support (e.g. .mean in squeeze-excite)
+            if config.graph == "fx":
+                raise BzqError(f"Brevitas graph mode cannot run {type(float_model).__name__}: {e}") from e
+            note = f"FX-quantized model failed to run ({type(e).__name__}: {str(e)[:200]}); used layerwise mode"
+            report["notes"].append(note)
+            _logger.warning("%s", note)
+            graph = None
+    if graph is None:
+        model = prepare_for_brevitas(float_model, input_size)  # a fresh copy: a failed FX pass may have merged BN
+        first, last = _edge_layers(model, float_model)
+        edge = {id(model.get_submodule(n)) for n in (first, last) if n is not None} if hb else set()
         layer_map = dict(LAYERWISE_COMPUTE_LAYER_MAP)
         for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
             qcls, kwargs = LAYERWISE_COMPUTE_LAYER_MAP[cls]
@@ -203,14 +245,15 @@ def _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report) -> 
 
 
 def _float_layers(qmodel: nn.Module) -> list[str]:
-    """Names of compute layers that were left unquantized."""
+    """Names of layers with weight matrices that were left unquantized (norm layers are meant to stay float)."""
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 
-    quantized = {id(m) for m in qmodel.modules() if isinstance(m, QuantWeightBiasInputOutputLayer)}
     return [
         f"{n} ({type(m).__name__})"
         for n, m in qmodel.named_modules()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and id(m) not in quantized
+        if not isinstance(m, QuantWeightBiasInputOutputLayer)
+        and isinstance(getattr(m, "weight", None), nn.Parameter)
+        and m.weight.dim() >= 2
     ]
 
 
@@ -225,6 +268,49 @@ def _weights(qmodel: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def calibrate(qmodel: nn.Module, loader) -> None:
+    """Collect activation statistics over the whole set (Brevitas ``calibration_mode``)."""
+    from brevitas.graph.calibrate import calibration_mode
+
+    device = next(qmodel.parameters()).device
+    qmodel(next(iter(loader))[0].to(device))  # some quantizers initialise their scales on the first forward
+    with calibration_mode(qmodel):
+        for images, _ in progress(loader, desc="calibration", unit="batch"):
+            qmodel(images.to(device))
+
+
+@torch.no_grad()
+def optimise_weights(qmodel: nn.Module, loader, method: str = "gptq") -> float:
+    """GPTQ or GPFQ over the set (one pass per layer); returns the fraction of quantized weights it changed."""
+    from brevitas.graph.gpfq import gpfq_mode
+    from brevitas.graph.gptq import gptq_mode
+
+    device = next(qmodel.parameters()).device
+    mode = gptq_mode if method == "gptq" else gpfq_mode
+    before = _weights(qmodel)
+    with mode(qmodel, use_quant_activations=True, create_weight_orig=False) as opt:
+        for _ in progress(range(opt.num_layers), desc=method.upper(), unit="layer"):
+            for images, _ in loader:
+                opt.model(images.to(device))
+            opt.update()
+    after = _weights(qmodel)
+    changed = sum((before[k] != after[k]).sum().item() for k in before)
+    if changed == 0:
+        raise BzqError(f"{method.upper()} ran but changed no quantized weight: the weight quantizer ignores it.")
+    return changed / sum(v.numel() for v in before.values())
+
+
+@torch.no_grad()
+def correct_biases(qmodel: nn.Module, loader) -> None:
+    """Shift each layer's bias by the mean output error measured on the set (Brevitas ``bias_correction_mode``)."""
+    from brevitas.graph.calibrate import bias_correction_mode
+
+    device = next(qmodel.parameters()).device
+    with bias_correction_mode(qmodel):
+        for images, _ in progress(loader, desc="bias correction", unit="batch"):
+            qmodel(images.to(device))
+
+
 def quantize_brevitas(
     float_model: nn.Module, calib: SyntheticSet, config: BrevitasConfig | None = None
 ) -> tuple[nn.Module, dict]:
@@ -233,45 +319,14 @@ def quantize_brevitas(
     Steps: graph preprocessing (BN merge, equalisation), quantization, activation calibration, GPTQ (or GPFQ) on
     the weights, bias correction. Every step iterates the same materialised calibration set.
     """
-    from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
-
     config = config or BrevitasConfig()
-    qmodel, report = build_quant_model(float_model, config)
-    device = next(float_model.parameters()).device
-    qmodel.to(device)
+    qmodel, report = build_quant_model(float_model, config, tuple(calib.images.shape[1:]))
+    qmodel.to(next(float_model.parameters()).device)
     loader = calib.loader(config.calib_batch_size)
-
-    def run(model: nn.Module, desc: str) -> None:
-        for images, _ in progress(loader, desc=desc, unit="batch"):
-            model(images.to(device))
-
-    qmodel(next(iter(loader))[0].to(device))  # some quantizers initialise their scales on the first forward
-    with calibration_mode(qmodel):
-        run(qmodel, "calibration")
-    before = _weights(qmodel)
-    if config.use_gptq:
-        from brevitas.graph.gptq import gptq_mode
-
-        with gptq_mode(qmodel, use_quant_activations=True, act_order=False, create_weight_orig=False) as gptq:
-            for _ in progress(range(gptq.num_layers), desc="GPTQ", unit="layer"):
-                for x, _ in loader:
-                    gptq.model(x.to(device))
-                gptq.update()
-    elif config.gpfq:
-        from brevitas.graph.gpfq import gpfq_mode
-
-        with gpfq_mode(qmodel, use_quant_activations=True, create_weight_orig=False) as gpfq:
-            for _ in progress(range(gpfq.num_layers), desc="GPFQ", unit="layer"):
-                for x, _ in loader:
-                    gpfq.model(x.to(device))
-                gpfq.update()
-    after = _weights(qmodel)
-    changed = sum((before[k] != after[k]).sum().item() for k in before)
-    total = sum(v.numel() for v in before.values())
-    report["weights_changed_by_gptq"] = changed / max(total, 1) if (config.use_gptq or config.gpfq) else 0.0
-    if (config.use_gptq or config.gpfq) and changed == 0:
-        raise BzqError("GPTQ/GPFQ ran but changed no quantized weight; the weight quantizer ignores it.")
+    calibrate(qmodel, loader)
+    report["weights_changed_by_gptq"] = 0.0
+    if config.use_gptq or config.gpfq:
+        report["weights_changed_by_gptq"] = optimise_weights(qmodel, loader, "gpfq" if config.gpfq else "gptq")
     if config.bias_correction:
-        with bias_correction_mode(qmodel):
-            run(qmodel, "bias correction")
+        correct_biases(qmodel, loader)
     return qmodel.eval(), report

@@ -3,7 +3,9 @@
 import torch
 from torch import nn
 
-__all__ = ["BNStatistics", "find_bn_layers"]
+__all__ = ["BNStatistics", "find_bn_layers", "BN_LOSSES"]
+
+BN_LOSSES = ("kl", "kl_forward", "l2")
 
 
 def find_bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -46,14 +48,15 @@ class BNStatistics:
     Args:
         model: the float model (BN layers intact, eval mode).
         kind: ``"kl"``: per-channel Gaussian KL( N(batch mean, batch var) || N(running mean, running var) );
+            ``"kl_forward"``: the other direction, KL( running || batch ), which covers the running distribution;
             ``"l2"``: squared error of the means plus squared error of the standard deviations (ZeroQ/DeepInversion).
         first_layer_weight: weight of the first BN layer relative to the others.
         eps: added to both variances (numerical floor).
     """
 
     def __init__(self, model: nn.Module, kind: str = "kl", first_layer_weight: float = 1.0, eps: float = 1e-5):
-        if kind not in ("kl", "l2"):
-            raise ValueError(f"BN loss must be 'kl' or 'l2', got {kind!r}")
+        if kind not in BN_LOSSES:
+            raise ValueError(f"BN loss must be one of {BN_LOSSES}, got {kind!r}")
         self.layers = find_bn_layers(model)
         self.kind = kind
         self._collected: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -102,6 +105,8 @@ class BNStatistics:
         self._collected.clear()
         if self.kind == "kl":
             return 0.5 * (torch.log(self.run_var / var) + (var + (mean - self.run_mean) ** 2) / self.run_var - 1.0)
+        if self.kind == "kl_forward":
+            return 0.5 * (torch.log(var / self.run_var) + (self.run_var + (mean - self.run_mean) ** 2) / var - 1.0)
         return (mean - self.run_mean) ** 2 + (var.sqrt() - self.run_var.sqrt()) ** 2
 
     def loss(self) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from .._errors import BzqError
 from .._utils import progress, resolve_device
 from ..models import resolve_data_config
-from ._bn import BNStatistics
+from ._bn import BN_LOSSES, BNStatistics
 from ._set import (
     MANIFEST,
     PREVIEW,
@@ -61,8 +61,8 @@ class SynthesisConfig:
     max_restarts: int = 3
 
     def __post_init__(self) -> None:
-        if self.bn_loss not in ("kl", "l2"):
-            raise BzqError(f"bn_loss must be 'kl' or 'l2', not {self.bn_loss!r}.")
+        if self.bn_loss not in BN_LOSSES:
+            raise BzqError(f"bn_loss must be one of {', '.join(BN_LOSSES)}; not {self.bn_loss!r}.")
         if self.parameterization not in ("distribution", "pixel"):
             raise BzqError(f"parameterization must be 'distribution' or 'pixel', not {self.parameterization!r}.")
         for name in ("num_images", "batch_size", "draws"):
