@@ -103,7 +103,7 @@ def eval_cmd(
         net, data_config = load_quantized(model)
         if net.bzq_meta["quantization"]["backend"] != "pt2e":  # an exported program stays where it was saved
             net.to(dev)
-        reference, _ = load_model(net.bzq_meta["model"], checkpoint=checkpoint)
+        reference, _ = load_model(net.bzq_meta["model"], checkpoint=checkpoint or net.bzq_meta.get("checkpoint"))
         reference.to(dev)
     else:
         net, data_config = load_model(model, checkpoint=checkpoint)
@@ -306,6 +306,7 @@ def run_quantize(
         data_config=data_config,
         calib=calib_set,
         report=report,
+        checkpoint=checkpoint,
         export_onnx=export_onnx,
     )
     result = {

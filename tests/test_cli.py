@@ -58,3 +58,88 @@ def test_bad_input_is_one_line_without_traceback(args, message):
 def test_debug_shows_traceback():
     out = run("--debug", "eval", "not_a_model", "--data", ".")
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_generate_json_and_resume(resnet20_weights, tmp_path):
+    args = (
+        "generate",
+        "cifar_resnet20",
+        "--checkpoint",
+        str(resnet20_weights),
+        "--out",
+        str(tmp_path / "set"),
+        "--images",
+        "16",
+        "--batch-size",
+        "8",
+        "--iterations",
+        "3",
+        "--json",
+    )
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["images"] == 16 and summary["bn_loss_final"] > 0
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
+        "manifest.json",
+        "preview.png",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    again = run(*args)  # complete: read back, not made again
+    assert again.returncode == 0 and json.loads(again.stdout)["images"] == 16
+    other = run(*args[:-1], "--seed", "7")
+    assert other.returncode != 0 and "holds a different synthetic set" in other.stderr
+
+
+def test_quantize_writes_results_and_eval_reads_the_folder(resnet20_weights, cifar_train_calib, tmp_path):
+    out = tmp_path / "q"
+    done = run(
+        "quantize",
+        "cifar_resnet20",
+        "--checkpoint",
+        str(resnet20_weights),
+        "--backend",
+        "brevitas",
+        "--w-bits",
+        "8",
+        "--a-bits",
+        "8",
+        "--calib",
+        "gaussian",
+        "--images",
+        "32",
+        "--out",
+        str(out),
+        "--eval-data",
+        str(cifar_train_calib),
+        "--eval-limit",
+        "100",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert json.loads((out / "results.json").read_text()) == result
+    assert result["float"]["n"] == 100 and result["quantized"]["agreement"] > 80
+    assert {"model.safetensors", "model.onnx", "quant_config.json", "calibration"} <= {p.name for p in out.iterdir()}
+    ev = run("eval", str(out), "--data", str(cifar_train_calib), "--limit", "100", "--workers", "0", "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["top1"] == result["quantized"]["top1"]
+    refused = run(
+        "quantize", "cifar_resnet20", "--checkpoint", str(resnet20_weights), "--calib", "gaussian", "--out", str(out)
+    )
+    assert refused.returncode != 0 and "already holds a quantized model" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--backend", "brevitas", "--a-bits", "1"), "a_bits=1"),
+        (("--backend", "pt2e", "--w-bits", "4"), "8-bit only"),
+        (("--backend", "onnx"), "unknown backend"),
+    ],
+)
+def test_impossible_quantize_options_fail_before_synthesis(tmp_path, args, message):
+    out = run("quantize", "cifar_resnet20", "--out", str(tmp_path / "q"), *args)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "q").exists()

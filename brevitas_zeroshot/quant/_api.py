@@ -45,6 +45,7 @@ def save_quantized(
     data_config: dict,
     calib: SyntheticSet,
     report: dict,
+    checkpoint: str | Path | None = None,
     export_onnx: bool = True,
 ) -> Path:
     """Write the quantized model, its JSON config, the calibration set's manifest and an export to ``out``."""
@@ -77,6 +78,7 @@ def save_quantized(
     meta = {
         "format_version": 1,
         "model": model_name,
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "quantization": _config_dict(config, report),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "calibration": {
