@@ -47,15 +47,15 @@ class SynthesisConfig:
     lr: float = 0.1
     bn_loss: str = "kl"  # "kl" (GZNQ: Gaussian KL per channel) or "l2" (ZeroQ/DeepInversion square loss)
     parameterization: str = "distribution"  # "distribution" (learned per-pixel mean + log-std) or "pixel"
-    init_std: float = 0.5  # initial per-pixel std of the learned distribution, in normalised units
+    init_std: float = 0.1  # initial per-pixel std of the learned distribution, in normalised units
     draws: int = 1  # images drawn from each learned distribution (distribution parameterisation only)
     bn_weight: float = 1.0
     first_bn_weight: float = 1.0
-    ce_weight: float = 0.1
+    ce_weight: float = 0.0  # cross-entropy on the balanced target labels; 0.01-0.1 hurt at W4A4 (docs/method.md)
     tv_weight: float = 0.0
     l2_weight: float = 0.0
-    jitter: float = 0.125  # random shift, as a fraction of the image side
-    flip: bool = True
+    jitter: float = 0.0  # random shift, as a fraction of the image side (hurt at W4A4 on CIFAR, docs/method.md)
+    flip: bool = False
     crop_scale: float = 1.0  # smallest area of a random resized crop (1.0 = no crop)
     seed: int = 0
     max_restarts: int = 3
