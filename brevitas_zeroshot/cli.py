@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -44,6 +45,41 @@ def _root(
     for noisy in ("torch", "timm", "brevitas", "torchao", "httpx", "huggingface_hub"):
         # A hub miss logs every retry; the one-line error says what went wrong.
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes (one thread each on the CPU)."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd += ["-m", "brevitas_zeroshot", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
+
+
+def _init_distributed(device: str) -> int:
+    """Join the torchrun group when launched by torchrun (gloo on CPU, nccl on CUDA); returns the rank, or -1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return -1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device != "cpu" and _cuda() else "gloo")
+    return dist.get_rank()
 
 
 def _is_quantized(name: str) -> bool:
@@ -129,15 +165,29 @@ def generate(
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 0.1,
     draws: Annotated[int, typer.Option("--draws", min=1, help="Images drawn from each learned distribution.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different set already in --out.")] = False,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=1, help="Processes on this machine (launches torchrun; batches split).")
+    ] = 1,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Synthesise a calibration set from BatchNorm statistics. Ctrl-C keeps finished batches; a rerun resumes."""
+    """Synthesise a calibration set from BatchNorm statistics. Ctrl-C keeps finished batches; a rerun resumes.
+
+    Runs on several processes under torchrun (`torchrun --nproc-per-node N -m brevitas_zeroshot generate ...`,
+    or `--nproc N`): the set is identical whatever the number of processes.
+    """
     from .models import load_model
     from .synth import SyntheticCalibrator
     from .synth._set import MANIFEST, read_manifest
 
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_torchrun(nproc))
+    rank = _init_distributed(device)
+    if rank > 0:
+        logging.getLogger().setLevel(logging.WARNING)
     net, data_config = load_model(model, checkpoint=checkpoint)
+    if rank >= 0 and device in ("auto", "cuda") and _cuda():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     calib = SyntheticCalibrator(
         net,
         data_config,
@@ -158,6 +208,8 @@ def generate(
         raise BzqError(
             f"interrupted: {kept} finished batches are kept in '{out}'; rerun the same command to resume."
         ) from None
+    if rank > 0:
+        return
     meta = read_manifest(out)
     batches = meta.get("batches", [])
     summary = {

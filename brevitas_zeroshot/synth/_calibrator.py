@@ -25,7 +25,7 @@ from ._set import (
     check_compatible,
     model_fingerprint,
     read_manifest,
-    read_shard,
+    read_shard_meta,
     save_preview,
     shard_name,
     write_manifest,
@@ -33,6 +33,23 @@ from ._set import (
 )
 
 __all__ = ["SynthesisConfig", "SyntheticCalibrator", "balanced_labels"]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
 
 _logger = logging.getLogger(__name__)
 
@@ -169,60 +186,81 @@ class SyntheticCalibrator:
     def generate(
         self, out: str | Path | None = None, overwrite: bool = False, show_progress: bool = True
     ) -> SyntheticSet:
-        """Synthesise the set; with ``out``, stream each finished batch to disk and resume from what is there."""
+        """Synthesise the set; with ``out``, stream each finished batch to disk and resume from what is there.
+
+        Under ``torchrun`` (an initialised ``torch.distributed`` group) the batches are split across the ranks;
+        each batch's seeds derive from (seed, batch index) alone, so the set is the same whatever the world size.
+        """
         cfg = self.config
         manifest = self.manifest()
         folder = Path(out) if out is not None else None
+        rank, world = _distributed()
+        if world > 1 and folder is None:
+            raise BzqError("generating with several processes needs an output folder (--out).")
         if folder is not None:
-            done = self._prepare_folder(folder, manifest, overwrite)
+            done = self._prepare_folder(folder, manifest, overwrite) if rank == 0 else None
+            _barrier(world)
+            if rank != 0:
+                done = self._prepare_folder(folder, manifest, overwrite=False, write=False)
             if done is not None:
                 return done
         labels = balanced_labels(cfg.num_images, self.num_classes, cfg.seed, cfg.draws)
         batches = range(-(-cfg.num_images // cfg.batch_size))
+        mine = [b for b in batches if b % world == rank]
         images, summaries = [], []
         start_time = time.perf_counter()
         with self._synthesis_mode(), BNStatistics(self.model, cfg.bn_loss, cfg.first_bn_weight) as stats:
-            bar = progress(total=len(batches) * cfg.iterations, desc="synthesis", unit="it", disable=not show_progress)
-            for b in batches:
+            bar = progress(
+                total=len(mine) * cfg.iterations, desc="synthesis", unit="it", disable=not show_progress or rank > 0
+            )
+            for b in mine:
                 lo, hi = b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_images)
                 path = folder / shard_name(b) if folder is not None else None
                 if path is not None and path.exists():
                     try:
-                        x, _, summary = read_shard(path)
+                        read_shard_meta(path)
                         bar.update(cfg.iterations)
-                        summaries.append(summary)
                         continue
                     except BzqError as e:
                         _logger.warning("%s: making it again", e)
                 x, summary = self._synthesise_batch(b, labels[lo:hi], stats, bar)
-                summaries.append(summary)
                 if path is not None:
                     write_shard(path, x, labels[lo:hi], summary)
                 else:
                     images.append(x.cpu())
+                    summaries.append(summary)
             bar.close()
         manifest["synthesis_seconds"] = round(time.perf_counter() - start_time, 3)
-        manifest["batches"] = summaries
-        manifest["restarts"] = sum(s["restarts"] for s in summaries)
         if folder is None:
+            manifest["batches"] = summaries
+            manifest["restarts"] = sum(s["restarts"] for s in summaries)
             return SyntheticSet(torch.cat(images), labels, manifest)
-        manifest["shards"] = [
-            {
-                "file": shard_name(b),
-                "start": b * cfg.batch_size,
-                "count": min(cfg.batch_size, cfg.num_images - b * cfg.batch_size),
-            }
-            for b in batches
-        ]
-        manifest["complete"] = True
-        result = SyntheticSet.load_unchecked(folder, manifest)
-        save_preview(result.images, manifest, folder / PREVIEW)
-        write_manifest(folder, manifest)
-        return result
+        _barrier(world)
+        if rank == 0:
+            manifest["batches"] = [read_shard_meta(folder / shard_name(b)) for b in batches]
+            manifest["restarts"] = sum(s["restarts"] for s in manifest["batches"])
+            manifest["shards"] = [
+                {
+                    "file": shard_name(b),
+                    "start": b * cfg.batch_size,
+                    "count": min(cfg.batch_size, cfg.num_images - b * cfg.batch_size),
+                }
+                for b in batches
+            ]
+            manifest["complete"] = True
+            result = SyntheticSet.load_unchecked(folder, manifest)
+            save_preview(result.images, manifest, folder / PREVIEW)
+            write_manifest(folder, manifest)
+            for leftover in folder.glob("shard-*.tmp*"):  # from a process killed mid-write
+                leftover.unlink()
+        _barrier(world)
+        return SyntheticSet.load(folder)
 
     # -- internals ----------------------------------------------------------------------------------------------
 
-    def _prepare_folder(self, folder: Path, manifest: dict, overwrite: bool) -> SyntheticSet | None:
+    def _prepare_folder(self, folder: Path, manifest: dict, overwrite: bool, write: bool = True) -> SyntheticSet | None:
+        """Check ``folder``; a complete matching set is returned, a different one refused (or, with ``overwrite``,
+        removed). With ``write`` (one process only) the folder is created and given an unfinished manifest."""
         if (folder / MANIFEST).exists():
             old = read_manifest(folder)
             same = old.get("fingerprint") == manifest["fingerprint"] and old.get("config") == manifest["config"]
@@ -238,8 +276,9 @@ class SyntheticCalibrator:
                 return SyntheticSet.load(folder)
         elif folder.exists() and any(folder.iterdir()) and not overwrite:
             raise BzqError(f"'{folder}' is not empty and holds no synthetic set; choose an empty or new folder.")
-        folder.mkdir(parents=True, exist_ok=True)
-        write_manifest(folder, {**manifest, "complete": False})
+        if write:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_manifest(folder, {**manifest, "complete": False})
         return None
 
     @contextlib.contextmanager

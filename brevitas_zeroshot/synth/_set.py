@@ -58,6 +58,17 @@ def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
         raise BzqError(f"shard '{path}' is damaged ({e}); delete it and rerun `bzq generate` to remake it.") from e
 
 
+def read_shard_meta(path: Path) -> dict:
+    """The per-batch summary stored in a shard's header (cheap: the tensors are not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("meta", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BzqError(f"shard '{path}' is damaged ({e}); delete it and rerun `bzq generate` to remake it.") from e
+
+
 def read_manifest(folder: Path) -> dict:
     try:
         return json.loads((folder / MANIFEST).read_text())
