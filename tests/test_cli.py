@@ -143,3 +143,31 @@ def test_impossible_quantize_options_fail_before_synthesis(tmp_path, args, messa
     out = run("quantize", "cifar_resnet20", "--out", str(tmp_path / "q"), *args)
     assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_pt2e_quantize_and_eval_of_its_folder(resnet20_weights, cifar_train_calib, tmp_path):
+    out = tmp_path / "p"
+    done = run(
+        "quantize",
+        "cifar_resnet20",
+        "--checkpoint",
+        str(resnet20_weights),
+        "--backend",
+        "pt2e",
+        "--calib",
+        "gaussian",
+        "--images",
+        "16",
+        "--out",
+        str(out),
+        "--eval-data",
+        str(cifar_train_calib),
+        "--eval-limit",
+        "50",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.pt2").exists() and json.loads(done.stdout)["quantized"]["n"] == 50
+    ev = run("eval", str(out), "--data", str(cifar_train_calib), "--limit", "50", "--workers", "0", "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["top1"] == json.loads(done.stdout)["quantized"]["top1"]

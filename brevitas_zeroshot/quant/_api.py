@@ -129,7 +129,10 @@ def load_quantized(source: str | Path, device: str | torch.device | None = None)
     backend = q.pop("backend")
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
     if backend == "pt2e":
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
         model = torch.export.load(str(folder / meta["files"]["program"])).module()
+        allow_exported_model_train_eval(model)
     else:
         from brevitas.graph.calibrate import load_quant_model_mode
         from safetensors.torch import load_file

@@ -83,6 +83,7 @@ def quantize_pt2e(
     float_model: nn.Module, calib: SyntheticSet, config: PT2EConfig | None = None
 ) -> tuple[nn.Module, dict]:
     """Export a copy of the float model, prepare it with the quantizer, calibrate on ``calib``, convert."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     config = config or PT2EConfig()
@@ -95,5 +96,6 @@ def quantize_pt2e(
     for images, _ in progress(calib.loader(config.calib_batch_size), desc="calibration", unit="batch"):
         prepared(images.to(device))
     converted = convert_pt2e(prepared)
+    allow_exported_model_train_eval(converted)  # so .eval() works as on any model
     report = {"graph": "pt2e", "quantizer": type(quantizer).__name__, "notes": list(config.notes)}
     return converted, report

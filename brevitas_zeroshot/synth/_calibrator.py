@@ -17,16 +17,16 @@ from torch import nn
 from .._errors import BzqError
 from .._utils import progress, resolve_device
 from ..models import resolve_data_config
-from ._bn import BN_LOSSES, BNStatistics
+from ._bn import BN_LOSSES, BNStatistics, find_bn_layers
 from ._set import (
     MANIFEST,
     PREVIEW,
     SyntheticSet,
     check_compatible,
-    model_fingerprint,
     read_manifest,
     read_shard_meta,
     save_preview,
+    set_meta,
     shard_name,
     write_manifest,
     write_shard,
@@ -107,9 +107,10 @@ class SyntheticCalibrator:
     """Synthesise a calibration set for ``model`` from its BatchNorm statistics alone.
 
     Each batch of images is optimised so that the per-channel distribution of every BN layer's input matches the
-    Gaussian described by that layer's running mean and variance, while the model classifies the images as their
-    balanced target classes. By default the images are samples of a learned per-pixel Gaussian (reparameterised at
-    every step), so the set is a draw from a generative model, not fixed points.
+    Gaussian described by that layer's running mean and variance (optionally, with ``ce_weight``, also that the
+    model classifies them as their balanced target classes). By default the images are samples of a learned
+    per-pixel Gaussian (reparameterised at every step), so the set is a draw from a generative model, not fixed
+    points.
 
     Args:
         model: the float model with its BatchNorm layers (before any BN folding). It is used in eval mode and
@@ -140,8 +141,8 @@ class SyntheticCalibrator:
         self.model = model
         self.data_config = data_config or resolve_data_config(model)
         self.device = resolve_device(device)
-        self.stats_probe = BNStatistics(model)
-        if not self.stats_probe.layers:
+        self.bn_layers = find_bn_layers(model)
+        if not self.bn_layers:
             raise BzqError(
                 f"{type(model).__name__} has no BatchNorm layer with running statistics, so there is nothing to "
                 "synthesise images from. Calibrate it with real images (--calib DIR) or noise (--calib gaussian)."
@@ -161,19 +162,13 @@ class SyntheticCalibrator:
 
         from ..version import __version__
 
+        source = "gznq" if self.config.bn_loss == "kl" else f"bn-{self.config.bn_loss}"
         return {
-            "format_version": 1,
-            "source": "gznq" if self.config.bn_loss == "kl" else f"bn-{self.config.bn_loss}",
-            "model": getattr(self.model, "pretrained_cfg", {}).get("architecture", type(self.model).__name__),
-            "fingerprint": model_fingerprint(self.model),
-            "input_size": list(self.data_config["input_size"]),
-            "mean": list(self.data_config["mean"]),
-            "std": list(self.data_config["std"]),
+            **set_meta(source, self.model, self.data_config, self.config.seed),
             "num_classes": self.num_classes,
             "num_images": self.config.num_images,
-            "seed": self.config.seed,
             "config": asdict(self.config),
-            "bn_layers": [name for name, _ in self.stats_probe.layers],
+            "bn_layers": [name for name, _ in self.bn_layers],
             "versions": {
                 "brevitas_zeroshot": __version__,
                 "torch": torch.__version__,

@@ -31,6 +31,20 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def set_meta(source: str, model: nn.Module, data_config: dict, seed: int) -> dict:
+    """What identifies any calibration set: where it came from, for which model and input."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "model": getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
+        "fingerprint": model_fingerprint(model),
+        "input_size": list(data_config["input_size"]),
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+        "seed": seed,
+    }
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 

@@ -15,7 +15,7 @@ from torch import nn
 from .._errors import BzqError
 from ..models import resolve_data_config
 from ._calibrator import SyntheticCalibrator, balanced_labels
-from ._set import MANIFEST, SyntheticSet, model_fingerprint
+from ._set import MANIFEST, SyntheticSet, set_meta
 
 __all__ = ["create_calibration_set", "list_sources", "register_source", "ZEROQ_SETTINGS"]
 
@@ -104,7 +104,7 @@ def gaussian(model, data_config, num_images, seed, out, device, **settings) -> S
     g = torch.Generator().manual_seed(seed)
     images = torch.randn((num_images, *data_config["input_size"]), generator=g)
     labels = balanced_labels(num_images, data_config.get("num_classes") or 1, seed)
-    return _finish(SyntheticSet(images, labels, _meta("gaussian", model, data_config, seed)), out)
+    return _finish(SyntheticSet(images, labels, set_meta("gaussian", model, data_config, seed)), out)
 
 
 def real_images(model, data_config, num_images, seed, out, device, folder: Path) -> SyntheticSet:
@@ -117,22 +117,9 @@ def real_images(model, data_config, num_images, seed, out, device, folder: Path)
     pairs = [dataset[int(i)] for i in order]
     images = torch.stack([p[0] for p in pairs])
     labels = torch.tensor([p[1] for p in pairs])
-    meta = _meta("real", model, data_config, seed)
+    meta = set_meta("real", model, data_config, seed)
     meta["folder"] = str(folder)
     return _finish(SyntheticSet(images, labels, meta), out)
-
-
-def _meta(source: str, model: nn.Module, data_config: dict, seed: int) -> dict:
-    return {
-        "format_version": 1,
-        "source": source,
-        "model": getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
-        "fingerprint": model_fingerprint(model),
-        "input_size": list(data_config["input_size"]),
-        "mean": list(data_config["mean"]),
-        "std": list(data_config["std"]),
-        "seed": seed,
-    }
 
 
 def _finish(result: SyntheticSet, out: str | Path | None) -> SyntheticSet:
