@@ -164,6 +164,7 @@ def generate(
     ] = "distribution",
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 0.1,
     draws: Annotated[int, typer.Option("--draws", min=1, help="Images drawn from each learned distribution.")] = 1,
+    blur: Annotated[float, typer.Option("--blur", min=0.0, help="Gaussian low-pass sigma in pixels (0: off).")] = 0.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different set already in --out.")] = False,
     nproc: Annotated[
         int, typer.Option("--nproc", min=1, help="Processes on this machine (launches torchrun; batches split).")
@@ -200,6 +201,7 @@ def generate(
         parameterization=param,
         lr=lr,
         draws=draws,
+        blur_sigma=blur,
     )
     try:
         result = calib.generate(out, overwrite=overwrite)

@@ -280,3 +280,14 @@ def test_synthetic_data_corrects_biases_better_than_noise(resnet20, cifar_test_d
         agreement(_w4_bias_corrected(model, noise.images)),
     )
     assert synth_agree > noise_agree + 1.0, (synth_agree, noise_agree)
+
+
+def test_low_pass_makes_smoother_images(r20):
+    model, cfg = r20
+
+    def roughness(images):
+        return (images[..., 1:, :] - images[..., :-1, :]).abs().mean().item()
+
+    sharp = SyntheticCalibrator(model, cfg, blur_sigma=0.0, **TINY).generate(show_progress=False)
+    smooth = SyntheticCalibrator(model, cfg, blur_sigma=1.0, **TINY).generate(show_progress=False)
+    assert roughness(smooth.images) < 0.7 * roughness(sharp.images)

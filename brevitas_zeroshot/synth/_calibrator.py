@@ -74,6 +74,7 @@ class SynthesisConfig:
     jitter: float = 0.0  # random shift, as a fraction of the image side (hurt at W4A4 on CIFAR, docs/method.md)
     flip: bool = False
     crop_scale: float = 1.0  # smallest area of a random resized crop (1.0 = no crop)
+    blur_sigma: float = 0.0  # Gaussian low-pass (pixels) on every sample: smooth images by construction
     seed: int = 0
     max_restarts: int = 3
 
@@ -93,6 +94,14 @@ class SynthesisConfig:
             raise BzqError("draws > 1 needs the distribution parameterisation.")
         if not 0 < self.crop_scale <= 1:
             raise BzqError("crop_scale must be in (0, 1].")
+
+
+def _gaussian_kernel(sigma: float, channels: int, device: torch.device) -> torch.Tensor:
+    radius = max(1, round(2 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float, device=device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    return (k[:, None] * k[None, :]).expand(channels, 1, -1, -1).contiguous()
 
 
 def balanced_labels(num_images: int, num_classes: int, seed: int, group: int = 1) -> torch.Tensor:
@@ -333,12 +342,18 @@ class SyntheticCalibrator:
         finite = torch.ones((), dtype=torch.bool, device=dev)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
+        blur = _gaussian_kernel(cfg.blur_sigma, c, dev) if cfg.blur_sigma > 0 else None
+
         def sample() -> torch.Tensor:
-            if not distribution:
-                return mean
-            eps = torch.randn((mean.shape[0], cfg.draws, *mean.shape[1:]), generator=gen, device=dev)
-            x = (mean[:, None] + log_std.exp()[:, None] * eps).flatten(0, 1)[:n]  # slot-major, as the labels
-            return torch.max(torch.min(x, self.high), self.low)
+            if distribution:
+                eps = torch.randn((mean.shape[0], cfg.draws, *mean.shape[1:]), generator=gen, device=dev)
+                x = (mean[:, None] + log_std.exp()[:, None] * eps).flatten(0, 1)[:n]  # slot-major, as the labels
+            else:
+                x = mean
+            if blur is not None:
+                pad = blur.shape[-1] // 2
+                x = F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), blur, groups=c)
+            return torch.max(torch.min(x, self.high), self.low) if distribution or blur is not None else x
 
         for step in range(cfg.iterations):
             x = sample()
