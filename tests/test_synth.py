@@ -291,3 +291,45 @@ def test_low_pass_makes_smoother_images(r20):
     sharp = SyntheticCalibrator(model, cfg, blur_sigma=0.0, **TINY).generate(show_progress=False)
     smooth = SyntheticCalibrator(model, cfg, blur_sigma=1.0, **TINY).generate(show_progress=False)
     assert roughness(smooth.images) < 0.7 * roughness(sharp.images)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "tf_efficientnet_lite0"])
+@pytest.mark.parametrize("kind", ["kl", "l2"])
+def test_fused_bn_statistics_match_a_plain_reference(name, kind):
+    """The fused BN forward and its hand-written backward give the model's outputs and the loss gradient that
+    plain torch ops (BN untouched, torch.var_mean in hooks) give."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with BNStatistics(model, kind) as stats:
+        out = model(x)
+        loss = stats.loss()
+    grad = torch.autograd.grad(loss + out.sum(), x)[0]
+
+    layers = find_bn_layers(model)
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0])) for i, (_, m) in enumerate(layers)
+    ]
+    x_ref = x.detach().clone().requires_grad_()
+    out_ref = model(x_ref)
+    for h in hooks:
+        h.remove()
+    per_layer = []
+    for i, (_, m) in enumerate(layers):
+        var, mean = torch.var_mean(seen[i], dim=(0, 2, 3), unbiased=False)
+        var, run_var = var + 1e-5, m.running_var + 1e-5
+        if kind == "kl":
+            d = 0.5 * (torch.log(run_var / var) + (var + (mean - m.running_mean) ** 2) / run_var - 1)
+        else:
+            d = (mean - m.running_mean) ** 2 + (var.sqrt() - run_var.sqrt()) ** 2
+        per_layer.append(d.mean())
+    loss_ref = torch.stack(per_layer).mean()
+    grad_ref = torch.autograd.grad(loss_ref + out_ref.sum(), x_ref)[0]
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4)
