@@ -13,6 +13,10 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*BZQ, *args], capture_output=True, text=True, env=ENV, timeout=600)
 
 
+def quantize_r20(weights, out, *args: str) -> subprocess.CompletedProcess:
+    return run("quantize", "cifar_resnet20", "--checkpoint", str(weights), "--out", str(out), *args)
+
+
 def test_help_lists_subcommands():
     out = run("--help")
     assert out.returncode == 0
@@ -94,11 +98,9 @@ def test_generate_json_and_resume(resnet20_weights, tmp_path):
 
 def test_quantize_writes_results_and_eval_reads_the_folder(resnet20_weights, cifar_train_calib, tmp_path):
     out = tmp_path / "q"
-    done = run(
-        "quantize",
-        "cifar_resnet20",
-        "--checkpoint",
-        str(resnet20_weights),
+    done = quantize_r20(
+        resnet20_weights,
+        out,
         "--backend",
         "brevitas",
         "--w-bits",
@@ -109,8 +111,6 @@ def test_quantize_writes_results_and_eval_reads_the_folder(resnet20_weights, cif
         "gaussian",
         "--images",
         "32",
-        "--out",
-        str(out),
         "--eval-data",
         str(cifar_train_calib),
         "--eval-limit",
@@ -125,9 +125,7 @@ def test_quantize_writes_results_and_eval_reads_the_folder(resnet20_weights, cif
     ev = run("eval", str(out), "--data", str(cifar_train_calib), "--limit", "100", "--workers", "0", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["top1"] == result["quantized"]["top1"]
-    refused = run(
-        "quantize", "cifar_resnet20", "--checkpoint", str(resnet20_weights), "--calib", "gaussian", "--out", str(out)
-    )
+    refused = quantize_r20(resnet20_weights, out, "--calib", "gaussian")
     assert refused.returncode != 0 and "already holds a quantized model" in refused.stderr
 
 
@@ -147,19 +145,15 @@ def test_impossible_quantize_options_fail_before_synthesis(tmp_path, args, messa
 
 def test_pt2e_quantize_and_eval_of_its_folder(resnet20_weights, cifar_train_calib, tmp_path):
     out = tmp_path / "p"
-    done = run(
-        "quantize",
-        "cifar_resnet20",
-        "--checkpoint",
-        str(resnet20_weights),
+    done = quantize_r20(
+        resnet20_weights,
+        out,
         "--backend",
         "pt2e",
         "--calib",
         "gaussian",
         "--images",
         "16",
-        "--out",
-        str(out),
         "--eval-data",
         str(cifar_train_calib),
         "--eval-limit",
