@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brevitas_zeroshot import BzqError, create_loader, evaluate
+from brevitas_zeroshot import BzqError, create_loader, evaluate, load_model
 from brevitas_zeroshot.models import resolve_data_config
 from brevitas_zeroshot.quant import BrevitasConfig, PT2EConfig, load_quantized, quantize, save_quantized
 from brevitas_zeroshot.quant._brevitas import build_quant_model, calibrate, optimise_weights
@@ -162,3 +162,14 @@ def test_resnet20_w8a8_synthetic_is_within_one_point_of_float(resnet20, cifar_te
     for config in (BrevitasConfig(w_bits=8, a_bits=8), PT2EConfig()):
         q, _ = quantize(model, synthetic, config)
         assert evaluate(q, test)["top1"] >= float_top1 - 1.0, config
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_brevitas_w8a8_keeps_its_predictions(imagenet_sample):
+    """Regression: an nn.Identity between BN and ReLU6 made Brevitas requantize pre-activations (61 % vs 89 %)."""
+    model, cfg = load_model("tf_efficientnet_lite0")
+    calib = create_calibration_set(imagenet_sample, model, cfg, num_images=16, seed=0)
+    qmodel, report = quantize(model, calib, BrevitasConfig(w_bits=8, a_bits=8, calib_batch_size=16))
+    assert report["graph"] == "fx"
+    loader = create_loader(imagenet_sample, cfg, batch_size=50, workers=0, limit=50)
+    assert evaluate(qmodel, loader, reference=model)["agreement"] >= 90.0

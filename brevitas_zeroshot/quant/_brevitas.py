@@ -85,7 +85,9 @@ def prepare_for_brevitas(model: nn.Module, input_size: tuple[int, int, int]) -> 
             if isinstance(child, BatchNormAct2d):
                 bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine)
                 bn.load_state_dict(child.state_dict())
-                setattr(parent, name, nn.Sequential(bn.eval(), child.drop, child.act))
+                # An nn.Identity between BN and activation would make Brevitas requantize the pre-activation.
+                parts = [bn.eval(), child.drop, child.act]
+                setattr(parent, name, nn.Sequential(*[p for p in parts if not isinstance(p, nn.Identity)]))
             elif isinstance(child, Conv2dSame):
                 pads = pad_same_arg(same_inputs[id(child)], child.kernel_size, child.stride, child.dilation)
                 conv = nn.Conv2d(
