@@ -158,7 +158,9 @@ def generate(
     iterations: Annotated[int, typer.Option("--iterations", min=0, help="Optimisation steps per batch.")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    loss: Annotated[str, typer.Option("--loss", help="BN loss: kl (GZNQ), kl_forward, or l2 (ZeroQ square loss).")] = "kl",
+    loss: Annotated[
+        str, typer.Option("--loss", help="BN loss: kl (GZNQ), kl_forward, or l2 (ZeroQ square loss).")
+    ] = "kl",
     param: Annotated[
         str, typer.Option("--param", help="distribution (learned per-pixel Gaussian) or pixel (plain pixels).")
     ] = "distribution",
