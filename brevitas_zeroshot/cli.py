@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -295,6 +296,7 @@ def quantize(
         export_onnx=onnx,
         iterations=iterations,
         batch_size=batch_size,
+        overwrite=overwrite,
     )
     if as_json:
         print(json.dumps(result))
@@ -341,6 +343,8 @@ def run_quantize(
     loader = create_loader(eval_data, data_config, limit=eval_limit) if eval_data is not None else None
     t0 = time.perf_counter()
     generated = calib in ("gznq", "zeroq")
+    if not generated:  # a synthetic set left there by an earlier run is not this run's calibration data
+        shutil.rmtree(out / "calibration", ignore_errors=True)
     calib_set = create_calibration_set(
         calib,
         net,

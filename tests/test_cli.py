@@ -165,3 +165,17 @@ def test_pt2e_quantize_and_eval_of_its_folder(resnet20_weights, cifar_train_cali
     ev = run("eval", str(out), "--data", str(cifar_train_calib), "--limit", "50", "--workers", "0", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["top1"] == json.loads(done.stdout)["quantized"]["top1"]
+
+
+def test_quantize_resumes_its_synthesis_and_overwrite_replaces_a_different_one(resnet20_weights, tmp_path):
+    out = tmp_path / "q"
+    tiny = ("--backend", "pt2e", "--calib", "gznq", "--iterations", "2", "--batch-size", "8", "--no-onnx")
+    first = quantize_r20(resnet20_weights, out, *tiny, "--images", "8")
+    assert first.returncode == 0, first.stderr
+    stamp = (out / "calibration" / "shard-00000.safetensors").stat().st_mtime_ns
+    again = quantize_r20(resnet20_weights, out, *tiny, "--images", "8", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert (out / "calibration" / "shard-00000.safetensors").stat().st_mtime_ns == stamp  # reused, not remade
+    other = quantize_r20(resnet20_weights, out, *tiny, "--images", "16", "--overwrite")
+    assert other.returncode == 0, other.stderr
+    assert len(list((out / "calibration").glob("shard-*.safetensors"))) == 2

@@ -3,7 +3,6 @@
 import json
 import os
 import platform
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -164,12 +163,12 @@ def _resolve(source: str | Path) -> Path:
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to mix results with a different run: an existing quantized folder is replaced only on request."""
+    """Refuse to mix results with a different run: an existing quantized folder is replaced only on request.
+
+    ``calibration/`` is left alone: a synthetic set there is reused when it matches and replaced when it does not.
+    """
     if (out / QUANT_CONFIG).exists() and not overwrite:
         raise BzqError(f"'{out}' already holds a quantized model; choose another --out or pass --overwrite.")
-    if (out / QUANT_CONFIG).exists():
-        (out / QUANT_CONFIG).unlink()
-        for name in ("model.safetensors", "model.onnx", "model.pt2", "results.json"):
-            if (out / name).exists():
-                (out / name).unlink()
-        shutil.rmtree(out / "calibration", ignore_errors=True)
+    for name in (QUANT_CONFIG, "model.safetensors", "model.onnx", "model.pt2", "results.json"):
+        if (out / name).exists():
+            (out / name).unlink()

@@ -83,17 +83,19 @@ def create_calibration_set(
 @register_source("gznq")
 def gznq(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
     """Ours: BN-distribution matching (Gaussian KL) with a learned per-pixel image distribution."""
+    overwrite = settings.pop("overwrite", False)  # a different set already in ``out`` is replaced, a same one resumed
     calib = SyntheticCalibrator(model, data_config, device, num_images=num_images, seed=seed, **settings)
-    return calib.generate(out)
+    return calib.generate(out, overwrite=overwrite)
 
 
 @register_source("zeroq")
 def zeroq(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
     """Baseline: ZeroQ-style square loss on BN statistics over plain pixels."""
+    overwrite = settings.pop("overwrite", False)
     calib = SyntheticCalibrator(
         model, data_config, device, num_images=num_images, seed=seed, **{**settings, **ZEROQ_SETTINGS}
     )
-    result = calib.generate(out)
+    result = calib.generate(out, overwrite=overwrite)
     result.meta["source"] = "zeroq"
     return result
 
