@@ -1,3 +1,4 @@
+import platform
 import sys
 
 import torch
@@ -14,3 +15,17 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def progress(iterable=None, **kwargs) -> tqdm:
     """A progress bar on stderr, so stdout stays clean for ``--json``."""
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def library_versions() -> dict:
+    """Versions recorded beside every artefact (synthetic sets, quantized models)."""
+    import timm
+
+    from .version import __version__
+
+    return {
+        "brevitas_zeroshot": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }

@@ -333,8 +333,8 @@ def run_quantize(
     from ._utils import resolve_device
     from .data import create_loader
     from .models import load_model
+    from .quant import PT2EConfig, save_quantized
     from .quant import quantize as quantize_model
-    from .quant import save_quantized
     from .synth._sources import create_calibration_set
 
     dev = resolve_device(device)
@@ -371,7 +371,7 @@ def run_quantize(
     )
     result = {
         "model": model,
-        "backend": "brevitas" if type(config).__name__ == "BrevitasConfig" else "pt2e",
+        "backend": "pt2e" if isinstance(config, PT2EConfig) else "brevitas",
         "w_bits": config.w_bits,
         "a_bits": config.a_bits,
         "calibration": {"source": calib_set.meta.get("source"), "images": len(calib_set), "seed": seed},

@@ -2,7 +2,6 @@
 
 import json
 import os
-import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from .._errors import BzqError
+from .._utils import library_versions
 from ..synth import SyntheticSet
 from ._brevitas import BrevitasConfig, build_quant_model, quantize_brevitas
 from ._pt2e import PT2EConfig, export_program, quantize_pt2e
@@ -49,7 +49,6 @@ def save_quantized(
 ) -> Path:
     """Write the quantized model, its JSON config, the calibration set's manifest and an export to ``out``."""
     from ..synth._set import save_preview
-    from ..version import __version__
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,8 +71,6 @@ def save_quantized(
     (out / "calibration" / "manifest.json").write_text(json.dumps(calib_meta, indent=2))
     if calib_meta.get("source") != "real":
         save_preview(calib.images, calib.meta, out / "calibration" / "preview.png")
-    import timm
-
     meta = {
         "format_version": 1,
         "model": model_name,
@@ -88,12 +85,7 @@ def save_quantized(
         },
         "report": report,
         "files": files,
-        "versions": {
-            "brevitas_zeroshot": __version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": library_versions(),
     }
     tmp = out / (QUANT_CONFIG + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))

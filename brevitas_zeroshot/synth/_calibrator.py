@@ -3,7 +3,6 @@
 import contextlib
 import logging
 import math
-import platform
 import random
 import shutil
 import time
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import BzqError
-from .._utils import progress, resolve_device
+from .._utils import library_versions, progress, resolve_device
 from ..models import resolve_data_config
 from ._bn import BN_LOSSES, BNStatistics, find_bn_layers
 from ._set import (
@@ -167,10 +166,6 @@ class SyntheticCalibrator:
 
     def manifest(self) -> dict:
         """Everything that identifies the set: model fingerprint, input, full config, versions."""
-        import timm
-
-        from ..version import __version__
-
         source = "gznq" if self.config.bn_loss == "kl" else f"bn-{self.config.bn_loss}"
         return {
             **set_meta(source, self.model, self.data_config, self.config.seed),
@@ -178,12 +173,7 @@ class SyntheticCalibrator:
             "num_images": self.config.num_images,
             "config": asdict(self.config),
             "bn_layers": [name for name, _ in self.bn_layers],
-            "versions": {
-                "brevitas_zeroshot": __version__,
-                "torch": torch.__version__,
-                "timm": timm.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": library_versions(),
             "device": str(self.device),
         }
 
