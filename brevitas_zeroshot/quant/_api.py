@@ -48,7 +48,7 @@ def save_quantized(
     export_onnx: bool = True,
 ) -> Path:
     """Write the quantized model, its JSON config, the calibration set's manifest and an export to ``out``."""
-    from ..synth._set import save_preview
+    from ..synth._set import MANIFEST, save_preview
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,10 +67,12 @@ def save_quantized(
         torch.export.save(export_program(qmodel, example), str(out / "model.pt2"))
         files["program"] = "model.pt2"
     calib_meta = {k: v for k, v in calib.meta.items() if k != "folder"}  # never a path to real data
-    (out / "calibration").mkdir(exist_ok=True)
-    (out / "calibration" / "manifest.json").write_text(json.dumps(calib_meta, indent=2))
-    if calib_meta.get("source") != "real":
-        save_preview(calib.images, calib.meta, out / "calibration" / "preview.png")
+    calib_dir = out / "calibration"
+    if not (calib_dir / MANIFEST).exists():  # a set synthesised into OUT/calibration already has its own
+        calib_dir.mkdir(exist_ok=True)
+        (calib_dir / MANIFEST).write_text(json.dumps(calib_meta, indent=2))
+        if calib_meta.get("source") != "real":
+            save_preview(calib.images, calib.meta, calib_dir / "preview.png")
     meta = {
         "format_version": 1,
         "model": model_name,
