@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-bench_app = typer.Typer(help="Benchmarks (not tests): synthesis speed.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (not tests): synthesis speed and quantized quality.", no_args_is_help=True)
 recipe_app = typer.Typer(help="Tested recipes for the timm model zoo (not available yet).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(recipe_app, name="recipe")
@@ -420,13 +420,61 @@ def bench_synthesis(
     import torch
 
     from .models import load_model
-    from .synth._bench import benchmark_synthesis
+    from .bench import benchmark_synthesis
 
     if threads:
         torch.set_num_threads(threads)
     net, data_config = load_model(model, checkpoint=checkpoint, pretrained=pretrained)
     result = benchmark_synthesis(net, data_config, batch_size=batch_size, steps=steps, repeats=repeats, device=device)
     _emit(result, as_json, f"synthesis benchmark for {model}")
+
+
+@bench_app.command("quality")
+def bench_quality_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder for sets, per-cell JSON, results.json/.md (resumable).")],
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="cifar_resnet20, cifar_resnet32, tf_efficientnet_lite0...")
+    ] = None,
+    scheme: Annotated[
+        list[str] | None, typer.Option("--scheme", help="brevitas-w4a4, pt2e-w8a8, brevitas-w4a4[gptq=false]...")
+    ] = None,
+    source: Annotated[
+        list[str] | None, typer.Option("--source", help="real, gaussian, zeroq, gznq, mct, gznq[bn_loss=l2]...")
+    ] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2",
+    images: Annotated[int, typer.Option("--images", min=1, help="Calibration images per set.")] = 128,
+    iterations: Annotated[
+        int | None, typer.Option("--iterations", min=0, help="Synthesis steps for gznq/zeroq (default: theirs).")
+    ] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", min=1, help="Evaluate the first N only.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots and picture grids.")] = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Quantized top-1 on held-out real images per calibration source, under the same quantizer (not a test)."""
+    import torch
+
+    from .bench import QualityBenchConfig, bench_quality
+
+    if threads:
+        torch.set_num_threads(threads)
+    defaults = QualityBenchConfig()
+    config = QualityBenchConfig(
+        tasks=task or defaults.tasks,
+        schemes=scheme or defaults.schemes,
+        sources=source or defaults.sources,
+        seeds=[int(s) for s in seeds.split(",") if s.strip()],
+        images=images,
+        synthesis={"iterations": iterations} if iterations is not None else {},
+        eval_limit=eval_limit,
+        device=device,
+    )
+    results = bench_quality(config, out)
+    if plots:
+        from .bench._plots import write_plots
+
+        write_plots(results, out)
+    print((out / "results.md").read_text())
 
 
 def main() -> None:

@@ -23,6 +23,11 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def cache_dir(kind: str) -> Path:
+    """``$BZQ_CACHE/<kind>`` (default ``~/.cache/brevitas_zeroshot/<kind>``)."""
+    return Path(os.environ.get("BZQ_CACHE", Path.home() / ".cache" / "brevitas_zeroshot")) / kind
+
+
 def open_image_folder(path: str | Path) -> Path:
     """The folder itself, or for a ``.tar`` archive of one, its contents unpacked once into a cache folder."""
     path = Path(path)
@@ -30,7 +35,7 @@ def open_image_folder(path: str | Path) -> Path:
         return path
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("BZQ_CACHE", Path.home() / ".cache" / "brevitas_zeroshot")) / "folders" / key
+    cache = cache_dir("folders") / key
     if not (cache / ".complete").exists():
         tmp = cache.with_name(key + f".tmp{os.getpid()}")
         with tarfile.open(path) as tar:

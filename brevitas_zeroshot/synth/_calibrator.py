@@ -385,6 +385,7 @@ class SyntheticCalibrator:
             "bn_loss_start": float(history[0]) if cfg.iterations else float(history[-1]),
             "bn_loss_final": float(history[-1]),
             "bn_loss_per_layer": [round(float(v), 6) for v in stats.per_layer(per_channel)],
+            "bn_loss_trace": [round(v, 6) for v in history[::10].tolist()],  # every 10th step, for plots
             "target_hit_rate": float((logits.float().argmax(1) == target).float().mean()),
         }
         return x.contiguous().float().cpu(), summary

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._utils import resolve_device
-from ._calibrator import SyntheticCalibrator
+from ..synth import SyntheticCalibrator
 
 __all__ = ["benchmark_synthesis"]
 

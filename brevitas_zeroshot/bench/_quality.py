@@ -1,0 +1,268 @@
+"""`bzq bench quality`: quantized top-1 on held-out real images, per calibration source, under one quantizer.
+
+Every (task, scheme, source, seed) cell is written to its own JSON file as soon as it is done, and every
+calibration set is saved, so an interrupted run resumes where it stopped and a second scheme reuses the sets.
+"""
+
+import json
+import logging
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+import yaml
+
+from .._errors import BzqError
+from .._evaluate import evaluate
+from .._utils import library_versions, resolve_device
+from ..data import create_loader
+from ..models import load_model
+from ..quant import BrevitasConfig, PT2EConfig, quantize
+from ..synth import SyntheticSet
+from ..synth._set import MANIFEST, read_manifest
+from ..synth._sources import create_calibration_set
+from . import _peer  # noqa: F401  (registers the "mct" source)
+from ._tasks import resolve_task
+
+__all__ = ["QualityBenchConfig", "bench_quality", "parse_spec", "quality_table"]
+
+_logger = logging.getLogger(__name__)
+_SYNTHESISED = ("gznq", "zeroq")  # sources that take the generator's settings (iterations, batch size...)
+
+
+@dataclass
+class QualityBenchConfig:
+    """What `bzq bench quality` runs: every task x scheme x source x seed."""
+
+    tasks: list[str] = field(default_factory=lambda: ["cifar_resnet20"])
+    schemes: list[str] = field(default_factory=lambda: ["brevitas-w4a4", "brevitas-w8a8", "pt2e-w8a8"])
+    sources: list[str] = field(default_factory=lambda: ["real", "gaussian", "zeroq", "gznq", "mct"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    images: int = 128
+    synthesis: dict = field(default_factory=dict)  # settings for gznq/zeroq (e.g. iterations), unless a spec says
+    eval_limit: int | None = None
+    device: str = "auto"
+
+
+_SPEC = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<args>[^\[\]]*)\])?$")
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``name[key=value,...]`` -> (name, settings); values are read as YAML scalars (``0.1``, ``true``, ``l2``)."""
+    match = _SPEC.match(spec.strip())
+    if not match:
+        raise BzqError(f"cannot read '{spec}': expected NAME or NAME[key=value,...].")
+    settings = {}
+    for item in filter(None, (match["args"] or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BzqError(f"'{spec}': '{item}' is not key=value.")
+        settings[key.strip()] = yaml.safe_load(value)
+    return match["name"], settings
+
+
+def make_scheme(spec: str) -> BrevitasConfig | PT2EConfig:
+    """``brevitas-w4a4`` / ``pt2e-w8a8``, optionally ``[key=value,...]`` with config fields."""
+    name, settings = parse_spec(spec)
+    match = re.fullmatch(r"(brevitas|pt2e)-w(\d+)a(\d+)", name)
+    if not match:
+        raise BzqError(f"unknown scheme '{spec}': use brevitas-wXaY or pt2e-wXaY, optionally [key=value,...].")
+    cls = BrevitasConfig if match[1] == "brevitas" else PT2EConfig
+    try:
+        return cls(w_bits=int(match[2]), a_bits=int(match[3]), **settings)
+    except TypeError as e:
+        raise BzqError(f"scheme '{spec}': {e}") from None
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec).strip("_")
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _calibration_set(source: str, net, data_config, calib_folder: Path, folder: Path, seed: int, cfg, device):
+    """Make (or reload) one calibration set in ``folder``; returns it and the seconds its making took."""
+    name, settings = parse_spec(source)
+    if name in _SYNTHESISED:  # resumable: the generator streams batches into the folder
+        result = create_calibration_set(
+            name, net, data_config, cfg.images, seed, out=folder, device=device, **{**cfg.synthesis, **settings}
+        )
+        return result, float(result.meta.get("synthesis_seconds") or 0.0)
+    if (folder / MANIFEST).exists() and read_manifest(folder).get("complete"):
+        loaded = SyntheticSet.load(folder, model=net, data_config=data_config)
+        return loaded, float(loaded.meta.get("synthesis_seconds") or 0.0)
+    start = time.perf_counter()
+    target = calib_folder if name == "real" else name
+    result = create_calibration_set(target, net, data_config, cfg.images, seed, device=device, **settings)
+    result.meta.setdefault("synthesis_seconds", round(time.perf_counter() - start, 3))
+    result.save(folder)
+    return result, float(result.meta["synthesis_seconds"])
+
+
+def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
+    """Run every cell not already in ``out``; write ``results.json`` and ``results.md``; return the results."""
+    out = Path(out)
+    schemes = {spec: make_scheme(spec) for spec in config.schemes}  # bad specs fail before any work
+    for source in config.sources:
+        parse_spec(source)
+    device = resolve_device(config.device)
+    for task_name in config.tasks:
+        task, checkpoint, calib_folder, eval_folder = resolve_task(task_name)
+        net, data_config = load_model(task.model, checkpoint=checkpoint)
+        net.to(device).eval()
+        batches = list(create_loader(eval_folder, data_config, batch_size=250, limit=config.eval_limit))
+        task_dir = out / "cells" / _slug(task_name)
+        float_file = task_dir / "float.json"
+        if not float_file.exists():
+            task_dir.mkdir(parents=True, exist_ok=True)
+            result = {"task": task_name, "note": task.note, **evaluate(net, batches, device=device)}
+            float_file.write_text(json.dumps(result, indent=2))
+        for seed in config.seeds:
+            for source in config.sources:
+                cells = {s: task_dir / _slug(s) / _slug(source) / f"seed{seed}.json" for s in schemes}
+                if all(c.exists() for c in cells.values()):
+                    continue
+                folder = out / "sets" / _slug(task_name) / _slug(source) / f"seed{seed}"
+                _logger.info("%s: calibration set '%s' seed %d", task_name, source, seed)
+                calib, seconds = _calibration_set(source, net, data_config, calib_folder, folder, seed, config, device)
+                for scheme, cell in cells.items():
+                    if cell.exists():
+                        continue
+                    _logger.info("%s: %s calibrated on '%s' seed %d", task_name, scheme, source, seed)
+                    start = time.perf_counter()
+                    qmodel, report = quantize(net, calib, schemes[scheme])
+                    quant_seconds = time.perf_counter() - start
+                    metrics = evaluate(qmodel, batches, reference=net, device=device)
+                    cell.parent.mkdir(parents=True, exist_ok=True)
+                    row = {
+                        "task": task_name,
+                        "scheme": scheme,
+                        "source": source,
+                        "seed": seed,
+                        **metrics,
+                        "synthesis_seconds": seconds,
+                        "quantization_seconds": round(quant_seconds, 2),
+                        "bn_loss_trace": _loss_trace(calib),
+                        "notes": report.get("notes", []),
+                    }
+                    cell.write_text(json.dumps(row, indent=2))
+                    del qmodel
+    return collect(out, config)
+
+
+def _loss_trace(calib: SyntheticSet) -> list[float] | None:
+    traces = [b["bn_loss_trace"] for b in calib.meta.get("batches", []) if "bn_loss_trace" in b]
+    return [statistics.fmean(step) for step in zip(*traces, strict=False)] if traces else None
+
+
+def collect(out: Path, config: QualityBenchConfig | None = None) -> dict:
+    """Gather every cell under ``out`` into ``results.json`` and the Markdown table ``results.md``."""
+    out = Path(out)
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/*/seed*.json"))]
+    floats = {
+        json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in (out / "cells").glob("*/float.json")
+    }
+    results = {
+        "date": date.today().isoformat(),
+        "machine": _machine(),
+        "versions": {**library_versions(), **_more_versions()},
+        "config": asdict(config) if config else None,
+        "float": floats,
+        "cells": cells,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(quality_table(results))
+    return results
+
+
+def _more_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for dist in ("brevitas", "torchao", "model-compression-toolkit"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summarise(results: dict) -> list[dict]:
+    """One row per (task, scheme, source): mean/std over seeds, and the share of the real-vs-noise gap closed."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in results["cells"]:
+        groups.setdefault((cell["task"], cell["scheme"], cell["source"]), []).append(cell)
+    rows = []
+    for (task, scheme, source), cells in groups.items():
+        top1 = [c["top1"] for c in cells]
+        rows.append(
+            {
+                "task": task,
+                "scheme": scheme,
+                "source": source,
+                "seeds": len(cells),
+                "top1": statistics.fmean(top1),
+                "top1_text": _mean_std(top1),
+                "agreement": statistics.fmean(c["agreement"] for c in cells),
+                "synthesis_seconds": statistics.fmean(c["synthesis_seconds"] for c in cells),
+            }
+        )
+    means = {(r["task"], r["scheme"], r["source"]): r["top1"] for r in rows}
+    for r in rows:
+        real, noise = means.get((r["task"], r["scheme"], "real")), means.get((r["task"], r["scheme"], "gaussian"))
+        telling = real is not None and noise is not None and real - noise >= 3.0  # else the data does not matter
+        r["gap_closed"] = (r["top1"] - noise) / (real - noise) if telling else None
+        r["vs_real"] = r["top1"] - real if real is not None else None
+    return rows
+
+
+def quality_table(results: dict) -> str:
+    """The Markdown tables: one per task, rows grouped by scheme."""
+    m = results["machine"]
+    lines = [
+        f"Measured {results['date']} on {m['cpu']} ({m['threads']} torch threads"
+        + (f", {m['gpu']}" if "gpu" in m else "")
+        + "); "
+        + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+        "",
+    ]
+    rows = summarise(results)
+    for task in sorted({r["task"] for r in rows}):
+        fl = results["float"].get(task, {})
+        lines += [
+            f"### {task} (float top-1 {fl.get('top1', float('nan')):.2f} on {fl.get('n', '?')} images; "
+            f"{fl.get('note', '')})",
+            "",
+            "| scheme | source | seeds | top-1 % | vs real | gap closed | agreement % | synthesis s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted((r for r in rows if r["task"] == task), key=lambda r: (r["scheme"], r["source"])):
+            vs = f"{r['vs_real']:+.2f}" if r["vs_real"] is not None else "–"
+            gap = f"{100 * r['gap_closed']:.0f} %" if r["gap_closed"] is not None and r["source"] != "real" else "–"
+            lines.append(
+                f"| {r['scheme']} | {r['source']} | {r['seeds']} | {r['top1_text']} | {vs} | {gap} | "
+                f"{r['agreement']:.2f} | {r['synthesis_seconds']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
