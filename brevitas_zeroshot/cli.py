@@ -419,8 +419,8 @@ def bench_synthesis(
     """Time one synthesis step against a bare forward+backward of the same model and batch, and their ratio."""
     import torch
 
-    from .models import load_model
     from .bench import benchmark_synthesis
+    from .models import load_model
 
     if threads:
         torch.set_num_threads(threads)

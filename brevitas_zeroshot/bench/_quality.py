@@ -4,6 +4,7 @@ Every (task, scheme, source, seed) cell is written to its own JSON file as soon 
 calibration set is saved, so an interrupted run resumes where it stopped and a second scheme reuses the sets.
 """
 
+import contextlib
 import json
 import logging
 import platform
@@ -85,10 +86,8 @@ def _slug(spec: str) -> str:
 
 def _machine() -> dict:
     cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     info = {"cpu": cpu, "threads": torch.get_num_threads(), "platform": platform.platform()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -195,10 +194,8 @@ def _more_versions() -> dict:
 
     found = {}
     for dist in ("brevitas", "torchao", "model-compression-toolkit"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             found[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
     return found
 
 
