@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 bench_app = typer.Typer(help="Benchmarks (not tests): synthesis speed and quantized quality.", no_args_is_help=True)
-recipe_app = typer.Typer(help="Tested recipes for the timm model zoo (not available yet).", no_args_is_help=True)
+recipe_app = typer.Typer(help="Tested recipes for the timm model zoo.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(recipe_app, name="recipe")
 
@@ -264,44 +265,57 @@ def quantize(
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize a model with Brevitas or PT2E, calibrated on synthetic images (or another source)."""
+    _quantize(dict(locals()), "bzq " + shlex.join(sys.argv[1:]))
+
+
+def make_quant_config(o: dict):
+    """The backend config named by ``bzq quantize`` options (raises on impossible settings, before any work)."""
     from .quant import BrevitasConfig, PT2EConfig
+
+    if o["backend"] == "brevitas":
+        return BrevitasConfig(
+            w_bits=o["w_bits"],
+            a_bits=o["a_bits"],
+            first_last_bits=o["first_last_bits"] or None,
+            gptq=o["gptq"],
+            gpfq=o["gpfq"],
+            bias_correction=o["bias_correction"],
+            graph=o["graph"],
+        )
+    if o["backend"] == "pt2e":
+        return PT2EConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], target=o["target"])
+    raise BzqError(f"unknown backend '{o['backend']}': use brevitas or pt2e.")
+
+
+def _quantize(o: dict, command: str) -> None:
     from .quant._api import prepare_output
 
-    if backend == "brevitas":
-        config = BrevitasConfig(
-            w_bits=w_bits,
-            a_bits=a_bits,
-            first_last_bits=first_last_bits or None,
-            gptq=gptq,
-            gpfq=gpfq,
-            bias_correction=bias_correction,
-            graph=graph,
-        )
-    elif backend == "pt2e":
-        config = PT2EConfig(w_bits=w_bits, a_bits=a_bits, target=target)
-    else:
-        raise BzqError(f"unknown backend '{backend}': use brevitas or pt2e.")
-    prepare_output(out, overwrite)  # everything is checked before any synthesis is spent
+    config = make_quant_config(o)
+    prepare_output(o["out"], o["overwrite"])  # everything is checked before any synthesis is spent
     result = run_quantize(
-        model,
+        o["model"],
         config,
-        calib,
-        out,
-        checkpoint=checkpoint,
-        images=images,
-        seed=seed,
-        eval_data=eval_data,
-        eval_limit=eval_limit,
-        device=device,
-        export_onnx=onnx,
-        iterations=iterations,
-        batch_size=batch_size,
-        overwrite=overwrite,
+        o["calib"],
+        o["out"],
+        checkpoint=o["checkpoint"],
+        images=o["images"],
+        seed=o["seed"],
+        eval_data=o["eval_data"],
+        eval_limit=o["eval_limit"],
+        device=o["device"],
+        export_onnx=o["onnx"],
+        iterations=o["iterations"],
+        batch_size=o["batch_size"],
+        overwrite=o["overwrite"],
+        command=command,
     )
-    if as_json:
+    if o["as_json"]:
         print(json.dumps(result))
         return
-    print(f"{model} {backend} W{w_bits}A{a_bits}, calibrated on {calib} ({images} images) -> {out}")
+    print(
+        f"{o['model']} {o['backend']} W{o['w_bits']}A{o['a_bits']}, calibrated on {o['calib']} "
+        f"({o['images']} images) -> {o['out']}"
+    )
     for key in ("float", "quantized"):
         if key in result:
             r = result[key]
@@ -324,6 +338,7 @@ def run_quantize(
     eval_limit: int | None = None,
     device: str = "auto",
     export_onnx: bool = True,
+    command: str | None = None,
     **synthesis,
 ) -> dict:
     """Load, calibrate (synthesising into OUT/calibration, resumable), quantize, save, evaluate; results.json."""
@@ -377,6 +392,7 @@ def run_quantize(
         "calibration": {"source": calib_set.meta.get("source"), "images": len(calib_set), "seed": seed},
         "report": report,
         "seconds": {"calibration_set": round(t1 - t0, 2), "quantization": round(t2 - t1, 2)},
+        "command": command,
     }
     if loader is not None:
         result["eval_data"] = str(eval_data)
@@ -387,21 +403,91 @@ def run_quantize(
 
 
 @app.command()
-def push() -> None:
-    """Publish a quantized output directory to the Hugging Face Hub (not available yet)."""
-    _not_yet("`bzq push`")
+def push(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `bzq quantize`.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="USER/NAME on the Hugging Face Hub.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Write the exact upload folder (FOLDER.hub) and print its tree.")
+    ] = False,
+) -> None:
+    """Publish a quantized model to the Hugging Face Hub with a generated model card (token: HF_TOKEN or login)."""
+    from ._hub import push_to_hub
+
+    if "/" not in repo_id or repo_id.count("/") != 1:
+        raise BzqError(f"--repo-id must be USER/NAME, not '{repo_id}'.")
+    where = push_to_hub(folder, repo_id, private=private, dry_run=dry_run)
+    if dry_run:
+        print(f"would upload to {repo_id} (dry run, nothing sent): {where}")
+        for path in sorted(Path(where).rglob("*")):
+            if path.is_file():
+                print(f"  {path.relative_to(where)}  ({path.stat().st_size:,} bytes)")
+    else:
+        print(f"published {folder} to {repo_id}: {where}")
 
 
 @recipe_app.command("list")
-def recipe_list() -> None:
-    """List the recipes in recipes/ (not available yet)."""
-    _not_yet("`bzq recipe list`")
+def recipe_list(as_json: JsonOpt = False) -> None:
+    """List the recipes (recipes/ of a checkout, $BZQ_RECIPES, or the installed copy) and their measured accuracy."""
+    from ._recipes import list_recipes, load_recipe
+
+    rows = []
+    for path in list_recipes():
+        options, info = load_recipe(path, quantize)
+        rows.append(
+            {
+                "name": path.stem,
+                "model": options["model"],
+                "scheme": f"{options['backend']} W{options['w_bits']}A{options['a_bits']}",
+                "calib": options["calib"],
+                "expected_top1": info.get("expected_top1"),
+                "expected_float_top1": info.get("expected_float_top1"),
+                "file": str(path),
+            }
+        )
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        measured = (
+            f"top-1 {r['expected_top1']:.1f} (float {r['expected_float_top1']:.1f})"
+            if r["expected_top1"] is not None
+            else "not measured yet"
+        )
+        print(f"{r['name']:<36} {r['model']:<24} {r['scheme']:<16} {measured}")
 
 
 @recipe_app.command("run")
-def recipe_run() -> None:
-    """Run a recipe file (not available yet)."""
-    _not_yet("`bzq recipe run`")
+def recipe_run(
+    recipe: Annotated[str, typer.Argument(help="A recipe name (see `bzq recipe list`) or a YAML file.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe key: --set images=256 (repeatable).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the recipe's name).")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and build the model without weights; quantize nothing.")
+    ] = False,
+) -> None:
+    """Run a recipe: `bzq quantize` with the recipe's options (validated before any work starts)."""
+    from ._recipes import find_recipe, load_recipe
+
+    path = find_recipe(recipe)
+    overrides = list(set_ or []) + ([f"out={out}"] if out is not None else [])
+    options, info = load_recipe(path, quantize, overrides)
+    command = "bzq recipe run " + shlex.join([path.stem, *sum((["--set", s] for s in overrides), [])])
+    if dry_run:
+        from .models import load_model
+
+        net, data_config = load_model(options["model"], pretrained=False)
+        params = sum(p.numel() for p in net.parameters())
+        print(
+            f"{path.stem}: valid; {options['model']} builds ({params / 1e6:.2f} M parameters, input "
+            f"{tuple(data_config['input_size'])}); would run: {command}"
+        )
+        return
+    _quantize(options, command)
+    if info.get("expected_top1") is not None:
+        print(f"  recipe expects top-1 {info['expected_top1']:.2f} on {info.get('expected_on', '?')}")
 
 
 @bench_app.command("synthesis")

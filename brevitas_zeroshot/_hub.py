@@ -1,0 +1,218 @@
+"""Publishing a quantized output folder to the Hugging Face Hub, with a generated model card.
+
+The token comes from huggingface_hub's usual places (``HF_TOKEN``, ``hf auth login``); it is never passed around,
+logged or written here. ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` work as huggingface_hub documents them.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ._errors import BzqError
+from .quant._api import QUANT_CONFIG
+from .synth._set import MANIFEST, PREVIEW
+
+__all__ = ["model_card", "push_to_hub", "stage_upload"]
+
+RESULTS = "results.json"
+
+
+def _read(folder: Path, name: str) -> dict:
+    path = folder / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise BzqError(f"'{path}' is not valid JSON ({e}); rerun `bzq quantize` to rewrite it.") from None
+
+
+def _base_model(meta: dict) -> str | None:
+    """The Hub id of the float model: an ``hf-hub:`` name, or the pretrained tag timm would download."""
+    name = meta["model"]
+    if name.startswith("hf-hub:"):
+        return name[len("hf-hub:") :]
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        return getattr(cfg, "hf_hub_id", None) or None
+    except Exception:
+        return None
+
+
+def model_card(folder: str | Path, repo_id: str):
+    """The ``ModelCard`` for a folder written by ``bzq quantize``: metadata, measured metrics, command, usage."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    folder = Path(folder)
+    meta, results = _read(folder, QUANT_CONFIG), _read(folder, RESULTS)
+    if not meta:
+        raise BzqError(f"'{folder}' is not a quantized model folder ({QUANT_CONFIG} is missing).")
+    q = meta["quantization"]
+    backend, bits = q["backend"], f"w{q['w_bits']}a{q['a_bits']}"
+    base = _base_model(meta)
+    evals = []
+    if "quantized" in results:
+        dataset = Path(results.get("eval_data", "real images")).name
+        evals.append(
+            EvalResult(
+                task_type="image-classification",
+                dataset_type="imagefolder",
+                dataset_name=f"{dataset} ({results['quantized']['n']} labelled images)",
+                metric_type="accuracy",
+                metric_name="top-1 accuracy (quantized)",
+                metric_value=round(results["quantized"]["top1"], 2),
+            )
+        )
+    data = ModelCardData(
+        base_model=base,
+        base_model_relation="quantized" if base else None,
+        library_name="brevitas-zeroshot",
+        pipeline_tag="image-classification",
+        tags=["zero-shot-quantization", "data-free", backend, bits, f"int{q['w_bits']}", "timm"],
+        license=None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=evals or None,
+    )
+    card = ModelCard.from_template(data, template_str=_TEMPLATE, **_card_fields(meta, results, repo_id, base))
+    return card
+
+
+def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> dict:
+    q, calib = meta["quantization"], meta.get("calibration", {})
+    source = calib.get("source") or "unknown"
+    synthetic = source not in ("real", "unknown")
+    if "quantized" in results:
+        f, r = results["float"], results["quantized"]
+        metrics = (
+            "| model | top-1 % | top-5 % | agreement with float % |\n|---|---|---|---|\n"
+            f"| float | {f['top1']:.2f} | {f['top5']:.2f} | – |\n"
+            f"| quantized | {r['top1']:.2f} | {r['top5']:.2f} | {r.get('agreement', float('nan')):.2f} |\n\n"
+            f"Measured on {r['n']} labelled images (`{Path(results.get('eval_data', '?')).name}`). A small "
+            "evaluation set: compare the two rows with each other, not with published accuracy."
+        )
+    else:
+        metrics = "Not measured: the model was quantized without `--eval-data`."
+    first_last = q.get("first_last_bits")
+    scheme = (
+        f"{q['backend']}, weights {q['w_bits']}-bit, activations {q['a_bits']}-bit"
+        + (f", first/last layer {first_last}-bit" if q["backend"] == "brevitas" and first_last else "")
+        + (", GPTQ" if q.get("gptq") or (q.get("gptq") is None and q.get("w_bits", 8) < 8) else "")
+        + (", bias correction" if q.get("bias_correction") else "")
+    )
+    weights = "the file named in `quant_config.json`" if meta.get("checkpoint") else "timm's pretrained weights"
+    return {
+        "repo_id": repo_id,
+        "model": meta["model"],
+        "base": f"[{base}](https://huggingface.co/{base})" if base else f"`{meta['model']}` (not on the Hub)",
+        "weights": weights,
+        "scheme": scheme,
+        "calibration": (
+            f"{calib.get('num_images', '?')} images synthesised from the float model's BatchNorm statistics "
+            f"(source `{source}`, seed {calib.get('seed')}); no real image was used"
+            if synthetic
+            else f"{calib.get('num_images', '?')} real images (not published here)"
+        ),
+        "metrics": metrics,
+        "command": results.get("command") or "not recorded",
+        "files": ", ".join(f"`{v}`" for v in meta.get("files", {}).values() if v),
+        "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+    }
+
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ repo_id }}
+
+A post-training quantized version of {{ base }} ({{ weights }}), made with
+[brevitas-zeroshot](https://pypi.org/project/brevitas-zeroshot/): **{{ scheme }}**.
+
+Calibration: {{ calibration }}.
+
+## Accuracy
+
+{{ metrics }}
+
+## How it was made
+
+```
+{{ command }}
+```
+
+Files: {{ files }}, `quant_config.json` (the full quantization config), `calibration/` (the synthetic set's
+manifest and a preview grid; the images themselves are not included). Library versions: {{ versions }}.
+
+## How to load it
+
+```python
+from brevitas_zeroshot.quant import load_quantized
+
+model, data_config = load_quantized("hf-hub:{{ repo_id }}")  # data_config: input size, mean, std
+```
+
+## Limitations
+
+Post-training quantization changes the model's predictions on some inputs (see the agreement column). The
+accuracy above was measured on a small labelled sample; measure on your own data before relying on it.
+"""
+
+_PUBLISHED = ("model.safetensors", "model.onnx", "model.pt2", QUANT_CONFIG, RESULTS)
+
+
+def stage_upload(folder: str | Path, stage: str | Path, repo_id: str) -> list[Path]:
+    """Write into ``stage`` exactly what ``push_to_hub`` uploads; returns the files, relative to ``stage``."""
+    folder, stage = Path(folder), Path(stage)
+    card = model_card(folder, repo_id)  # fails on a folder that is not a quantized model before anything is written
+    if stage.exists():
+        shutil.rmtree(stage)
+    (stage / "calibration").mkdir(parents=True)
+    for name in _PUBLISHED:
+        if (folder / name).exists():
+            shutil.copy2(folder / name, stage / name)
+    for name in (MANIFEST, PREVIEW):  # never the shards: only the description of the set and a preview
+        if (folder / "calibration" / name).exists():
+            shutil.copy2(folder / "calibration" / name, stage / "calibration" / name)
+    card.save(stage / "README.md")
+    return sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
+
+
+def push_to_hub(
+    folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False, stage: str | Path | None = None
+) -> str:
+    """Publish a ``bzq quantize`` folder to ``repo_id``; returns the commit URL (or, with ``dry_run``, the stage).
+
+    A failure (network, permissions) leaves ``folder`` as it was and says so.
+    """
+    folder = Path(folder)
+    if dry_run:
+        target = Path(stage) if stage else folder.with_name(folder.name + ".hub")
+        stage_upload(folder, target, repo_id)
+        return str(target)
+    from huggingface_hub import create_repo, upload_folder
+
+    with tempfile.TemporaryDirectory(prefix="bzq-push-") as tmp:
+        stage_upload(folder, Path(tmp) / "upload", repo_id)
+        try:
+            create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            commit = upload_folder(
+                repo_id=repo_id,
+                folder_path=Path(tmp) / "upload",
+                commit_message=f"Upload {repo_id} (brevitas-zeroshot)",
+            )
+        except Exception as e:
+            raise BzqError(
+                f"upload to '{repo_id}' failed ({type(e).__name__}: {_redact(str(e).splitlines()[0] if str(e) else '')}"
+                f"); '{folder}' is unchanged, rerun `bzq push` when the Hub is reachable."
+            ) from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def _redact(text: str) -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    return text.replace(token, "***") if token else text

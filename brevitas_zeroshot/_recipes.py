@@ -1,0 +1,155 @@
+"""Recipes: flat YAML files whose keys are `bzq quantize` options, plus what we measured with them.
+
+Looked up in ``$BZQ_RECIPES``, the ``recipes/`` folder of a source checkout, and the copy installed with the
+package (``<prefix>/share/brevitas_zeroshot/recipes``). Everything is validated before any work starts.
+"""
+
+import inspect
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from ._errors import BzqError
+
+__all__ = ["RECIPE_INFO_KEYS", "find_recipe", "list_recipes", "load_recipe", "recipe_dirs"]
+
+# Keys that describe a recipe rather than configure the run.
+RECIPE_INFO_KEYS: dict[str, type] = {
+    "description": str,
+    "expected_float_top1": float,
+    "expected_top1": float,
+    "expected_on": str,
+}
+_NOT_IN_RECIPES = {"as_json"}  # run-time choices, not part of a recipe
+
+
+def recipe_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("BZQ_RECIPES", "").split(os.pathsep) if p]
+    dirs += [
+        Path(__file__).resolve().parents[1] / "recipes",
+        Path(sys.prefix) / "share" / "brevitas_zeroshot" / "recipes",
+    ]
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_recipes() -> list[Path]:
+    """Every recipe file, the first found of each name."""
+    found: dict[str, Path] = {}
+    for folder in recipe_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return [found[k] for k in sorted(found)]
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file by path, or by name (``cifar_resnet20-w4a4-brevitas``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in list_recipes():
+        if candidate.stem == str(name) or candidate.name == str(name):
+            return candidate
+    known = ", ".join(p.stem for p in list_recipes()) or "none found"
+    raise BzqError(f"no recipe '{name}' (known: {known}).")
+
+
+def _option_types(command) -> dict[str, tuple[type, bool, object]]:
+    """name -> (base type, None allowed, default) for each parameter of the ``bzq quantize`` command."""
+    options = {}
+    for name, param in inspect.signature(command).parameters.items():
+        if name in _NOT_IN_RECIPES:
+            continue
+        hint = param.annotation
+        if typing.get_origin(hint) is typing.Annotated:
+            hint = typing.get_args(hint)[0]
+        args = (
+            typing.get_args(hint)
+            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+            else ()
+        )
+        base = next((a for a in args if a is not type(None)), hint)
+        default = None if param.default is inspect.Parameter.empty else param.default
+        options[name] = (base, type(None) in args, default)
+    return options
+
+
+def _check_type(key: str, value, base: type, nullable: bool, where: str):
+    if value is None and nullable:
+        return None
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base in (str, Path) and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return base(str(value))
+    raise BzqError(f"{where}: '{key}' must be {base.__name__}{' or null' if nullable else ''}, not {value!r}.")
+
+
+def _lines(text: str) -> dict[str, int]:
+    """Line number of each top-level key."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value}
+
+
+def load_recipe(path: str | Path, command, overrides: list[str] = ()) -> tuple[dict, dict]:
+    """Read and validate a recipe for ``command`` (the ``bzq quantize`` function), with ``key=value`` overrides.
+
+    Returns (the full option dict for the command, the recipe's information keys).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text)
+        lines = _lines(text)
+    except OSError as e:
+        raise BzqError(f"cannot read recipe '{path}': {e}") from None
+    except yaml.YAMLError as e:
+        raise BzqError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from None
+    if not isinstance(data, dict):
+        raise BzqError(f"{path}: a recipe is a flat YAML mapping of `bzq quantize` options.")
+    options = _option_types(command)
+    info, chosen, wheres = {}, {}, {}
+    items = [(k, v, f"{path}:{lines.get(k, '?')}") for k, v in data.items()]
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BzqError(f"--set '{item}': expected key=value.")
+        items.append((key.strip().replace("-", "_"), yaml.safe_load(value), f"--set {item}"))
+    for key, value, where in items:
+        key = str(key)
+        wheres[key] = where
+        if key in RECIPE_INFO_KEYS:
+            info[key] = _check_type(key, value, RECIPE_INFO_KEYS[key], True, where)
+        elif key in options:
+            base, nullable, _ = options[key]
+            chosen[key] = _check_type(key, value, base, nullable, where)
+        else:
+            near = [k for k in options if k.split("_")[0] == key.split("_")[0] or k.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(near[:3])}?)" if near else ""
+            raise BzqError(f"{where}: unknown key '{key}'{hint}; recipes take `bzq quantize` options.")
+    if "model" not in chosen:
+        raise BzqError(f"{path}: the recipe names no 'model'.")
+    full = {name: default for name, (_, _, default) in options.items()}
+    full.update(chosen)
+    full.setdefault("as_json", False)
+    if full.get("out") is None:
+        full["out"] = Path(path.stem)
+    from .cli import make_quant_config
+
+    try:
+        make_quant_config(full)
+    except BzqError as e:
+        keys = ("w_bits", "a_bits", "first_last_bits", "backend", "target", "graph")
+        key = next((k for k in keys if str(e).startswith(k) and k in wheres), None)
+        key = key or next((k for k in keys if wheres.get(k, "").startswith("--set")), None)
+        key = key or next((k for k in keys if k in wheres), None)
+        raise BzqError(f"{wheres[key]}: {e}" if key else f"{path}: {e}") from None
+    return full, info

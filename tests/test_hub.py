@@ -1,0 +1,144 @@
+"""`bzq push` and `load_quantized("hf-hub:...")` against a local stand-in Hub (tests/hub_server.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import FakeHub
+
+TOKEN = "hf_bzqTestTokenThatMustNeverLeak"
+REPO = "alice/resnet10t-w8a8-zeroshot"
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory) -> Path:
+    """A real `bzq quantize` output folder: resnet10t (random weights from a file), PT2E W8A8, evaluated."""
+    from PIL import Image
+
+    from brevitas_zeroshot import load_model
+    from brevitas_zeroshot.cli import make_quant_config, run_quantize
+
+    root = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(0)
+    net, _ = load_model("resnet10t", pretrained=False)
+    torch.save(net.state_dict(), root / "resnet10t.pth")
+    images = root / "images"
+    images.mkdir()
+    rows = ["file,class_index"]
+    for i in range(4):
+        Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(images / f"{i}.png")
+        rows.append(f"{i}.png,{i}")
+    (images / "labels.csv").write_text("\n".join(rows) + "\n")
+    options = dict(backend="pt2e", w_bits=8, a_bits=8, target="x86", first_last_bits=8, gptq=None, gpfq=False)
+    options.update(bias_correction=True, graph="auto")
+    out = root / "out"
+    run_quantize(
+        "resnet10t",
+        make_quant_config(options),
+        "gznq",
+        out,
+        checkpoint=root / "resnet10t.pth",
+        images=4,
+        iterations=2,
+        batch_size=4,
+        eval_data=images,
+        device="cpu",
+        command="bzq quantize resnet10t --backend pt2e --calib gznq --images 4",
+    )
+    return out
+
+
+def _bzq(args: list[str], hub_url: str, home: Path, token: str | None = TOKEN) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="0", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1")
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "brevitas_zeroshot", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_model_card_metadata_parses_with_huggingface_hub(quantized_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from brevitas_zeroshot._hub import stage_upload
+
+    files = stage_upload(quantized_dir, tmp_path / "stage", REPO)
+    assert Path("README.md") in files and Path("calibration/manifest.json") in files
+    assert not [f for f in files if f.suffix == ".safetensors" and f.parent.name == "calibration"]  # no images
+    card = ModelCard.load(tmp_path / "stage" / "README.md")
+    data = card.data
+    assert data.base_model == "timm/resnet10t.c3_in1k"
+    assert data.base_model_relation == "quantized"
+    assert data.pipeline_tag == "image-classification"
+    assert {"zero-shot-quantization", "pt2e", "w8a8"} <= set(data.tags)
+    result = data.eval_results[0]  # parsed back from model-index by huggingface_hub
+    assert result.metric_type == "accuracy" and 0 <= result.metric_value <= 100
+    assert "bzq quantize resnet10t" in card.text and 'load_quantized("hf-hub:' + REPO in card.text
+
+
+def test_push_and_reload_through_a_local_hub(quantized_dir, tmp_path):
+    before = _snapshot(quantized_dir)
+    with FakeHub(TOKEN) as hub:
+        pushed = _bzq(["push", str(quantized_dir), "--repo-id", REPO, "--private"], hub.url, tmp_path / "hf")
+        assert pushed.returncode == 0, pushed.stderr
+        repo = hub.repos[REPO]
+        assert repo["private"]
+        assert {"README.md", "quant_config.json", "model.pt2", "calibration/manifest.json"} <= set(repo["files"])
+        assert not [n for n in repo["files"] if n.startswith("calibration/shard-")]  # never the images
+        writes = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
+        assert writes and all(auth == f"Bearer {TOKEN}" for _, _, auth in writes)
+        assert hub.validated_cards and "base_model_relation: quantized" in hub.validated_cards[0]
+        leaked = [n for n, data in repo["files"].items() if TOKEN.encode() in data]
+        assert not leaked and TOKEN not in pushed.stdout + pushed.stderr
+
+        script = (
+            "import sys, torch\n"
+            "from brevitas_zeroshot.quant import load_quantized\n"
+            f"hub, cfg = load_quantized('hf-hub:{REPO}')\n"
+            "local, _ = load_quantized(sys.argv[1])\n"
+            "x = torch.randn(2, *cfg['input_size'], generator=torch.Generator().manual_seed(0))\n"
+            "print('maxdiff', (hub(x) - local(x)).abs().max().item())\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf2"), HF_TOKEN=TOKEN)
+        reload = subprocess.run(
+            [sys.executable, "-c", script, str(quantized_dir)], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert reload.returncode == 0, reload.stderr
+        assert "maxdiff 0.0" in reload.stdout
+    assert _snapshot(quantized_dir) == before  # pushing changes nothing locally
+
+
+def test_failed_upload_is_one_line_and_keeps_the_folder(quantized_dir, tmp_path):
+    before = _snapshot(quantized_dir)
+    with FakeHub(TOKEN, fail_commit=True) as hub:
+        failed = _bzq(["push", str(quantized_dir), "--repo-id", REPO], hub.url, tmp_path / "hf")
+    assert failed.returncode == 1
+    lines = failed.stderr.strip().splitlines()
+    assert lines[-1].startswith("bzq: error: upload to 'alice/resnet10t-w8a8-zeroshot' failed")
+    assert "unchanged" in lines[-1] and TOKEN not in failed.stderr
+    assert _snapshot(quantized_dir) == before
+
+
+def test_unreachable_hub_and_bad_folder(quantized_dir, tmp_path):
+    with FakeHub(TOKEN) as hub:
+        url = hub.url  # closed when the block ends: nothing listens there any more
+    down = _bzq(["push", str(quantized_dir), "--repo-id", REPO], url, tmp_path / "hf")
+    assert down.returncode == 1 and "failed" in down.stderr.splitlines()[-1]
+    not_model = _bzq(["push", str(tmp_path), "--repo-id", REPO], url, tmp_path / "hf")
+    assert not_model.returncode == 1 and "is not a quantized model folder" in not_model.stderr
+
+
+def test_dry_run_writes_the_exact_upload(quantized_dir, tmp_path):
+    result = _bzq(["push", str(quantized_dir), "--repo-id", REPO, "--dry-run"], "http://127.0.0.1:9", tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    stage = quantized_dir.with_name(quantized_dir.name + ".hub")
+    assert (stage / "README.md").exists() and "README.md" in result.stdout and "model.pt2" in result.stdout

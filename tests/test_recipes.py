@@ -1,0 +1,83 @@
+"""Every recipe in recipes/ validates and builds its model; bad recipes fail before any work with key and line."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from brevitas_zeroshot import BzqError, load_model
+from brevitas_zeroshot._recipes import find_recipe, list_recipes, load_recipe
+from brevitas_zeroshot.cli import app, quantize
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_the_recipes_folder_is_found_and_listed():
+    assert len(RECIPES) >= 7
+    assert {p.stem for p in RECIPES} <= {p.stem for p in list_recipes()}
+    result = CliRunner().invoke(app, ["recipe", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    names = {row["name"] for row in json.loads(result.stdout)}
+    assert {"cifar_resnet20-w4a4-brevitas", "mobilenetv2_100-w8a8-pt2e", "resnet50-w4a4-brevitas"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_dry_runs(path):
+    options, info = load_recipe(path, quantize)
+    assert options["model"] and info.get("description"), f"{path.name} needs a model and a description"
+    assert path.stem.startswith(options["model"]) and f"w{options['w_bits']}a{options['a_bits']}" in path.stem
+    assert options["backend"] in path.stem
+    net, data_config = load_model(options["model"], pretrained=False)
+    assert sum(p.numel() for p in net.parameters()) > 0 and len(data_config["input_size"]) == 3
+    if "expected_top1" in info:
+        assert info["expected_top1"] <= info["expected_float_top1"] + 1 and info.get("expected_on")
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: resnet18\nbackend: brevitas\nw_bit: 4\n", "r.yaml:3: unknown key 'w_bit' (did you mean w_bits"),
+        ("model: resnet18\nimages: many\n", "r.yaml:2: 'images' must be int, not 'many'"),
+        ("model: resnet18\nbackend: brevitas\nw_bits: 1\n", "r.yaml:3: w_bits=1"),
+        ("model: resnet18\nbackend: pt2e\nw_bits: 4\n", "8-bit only"),
+        ("model: resnet18\nbackend: tflite\n", "unknown backend 'tflite'"),
+        ("- model: resnet18\n", "a recipe is a flat YAML mapping"),
+        ("model: [resnet18\n", "not valid YAML"),
+        ("images: 64\n", "names no 'model'"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_line(tmp_path, text, message):
+    with pytest.raises(BzqError, match=None) as err:
+        load_recipe(_recipe(tmp_path, text), quantize)
+    assert message in str(err.value)
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = _recipe(tmp_path, "model: cifar_resnet20\nbackend: brevitas\nw_bits: 4\na_bits: 4\n")
+    options, _ = load_recipe(path, quantize, ["images=16", "iterations=3", "eval-limit=10", "gptq=false"])
+    assert (options["images"], options["iterations"], options["eval_limit"], options["gptq"]) == (16, 3, 10, False)
+    assert options["out"] == Path("r")  # default output folder: the recipe's name
+    with pytest.raises(BzqError, match="--set a_bits=1"):
+        load_recipe(path, quantize, ["a_bits=1"])
+    with pytest.raises(BzqError, match="--set colour=red: unknown key 'colour'"):
+        load_recipe(path, quantize, ["colour=red"])
+    with pytest.raises(BzqError, match="no recipe 'nope'"):
+        find_recipe("nope")
+
+
+def test_recipe_run_quantizes_and_records_the_command(resnet20_weights, tmp_path):
+    out = tmp_path / "run"
+    args = ["recipe", "run", "cifar_resnet20-w8a8-pt2e", "--out", str(out)]
+    args += ["--set", f"checkpoint={resnet20_weights}", "--set", "images=8", "--set", "iterations=2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["command"].startswith("bzq recipe run cifar_resnet20-w8a8-pt2e --set checkpoint=")
+    assert saved["calibration"]["images"] == 8 and (out / "model.pt2").exists()
