@@ -1,0 +1,83 @@
+"""`bzq bench quality`: the harness end to end on a tiny budget (it checks the harness, not the numbers)."""
+
+import json
+import os
+
+import pytest
+
+from brevitas_zeroshot import BzqError
+from brevitas_zeroshot.bench import QualityBenchConfig, bench_quality
+from brevitas_zeroshot.bench._quality import make_scheme, parse_spec
+from brevitas_zeroshot.bench._tasks import resolve_task
+
+
+def test_specs_are_parsed_and_checked():
+    assert parse_spec("gznq[bn_loss=l2, iterations=50,blur_sigma=0.5]") == (
+        "gznq",
+        {"bn_loss": "l2", "iterations": 50, "blur_sigma": 0.5},
+    )
+    assert parse_spec("real") == ("real", {})
+    config = make_scheme("brevitas-w4a4[first_last_bits=null,gptq=false]")
+    assert (config.w_bits, config.a_bits, config.first_last_bits, config.gptq) == (4, 4, None, False)
+    for bad, message in [
+        ("gznq[bn_loss]", "is not key=value"),
+        ("tflite-w8a8", "unknown scheme"),
+        ("brevitas-w4a4[colour=red]", "colour"),
+        ("pt2e-w4a4", "8-bit only"),
+    ]:
+        with pytest.raises(BzqError, match=message):
+            make_scheme(bad) if "-w" in bad else parse_spec(bad)
+
+
+def test_task_splits_are_disjoint(shared):
+    _, _, calib, held = resolve_task("tf_efficientnet_lite0")
+    rows = lambda folder: [line.split(",") for line in (folder / "labels.csv").read_text().splitlines()[1:]]  # noqa: E731
+    calib_classes = {int(c) for _, c in rows(calib)}
+    held_classes = {int(c) for _, c in rows(held)}
+    assert len(calib_classes) == len(held_classes) == 250 and not calib_classes & held_classes
+    _, _, calib, held = resolve_task("cifar_resnet20:tune")
+    targets = lambda folder: {os.path.realpath(folder / f) for f, _ in rows(folder)}  # noqa: E731
+    assert len(targets(calib)) == len(targets(held)) == 500 and not targets(calib) & targets(held)
+    with pytest.raises(BzqError, match="unknown benchmark task"):
+        resolve_task("imagenet_everything")
+
+
+def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
+    pytest.importorskip("model_compression_toolkit", reason="the MCT peer needs brevitas-zeroshot[bench]")
+    config = QualityBenchConfig(
+        tasks=["cifar_resnet20:tune"],
+        schemes=["brevitas-w4a4", "pt2e-w8a8"],
+        sources=["real", "gznq", "mct[n_iter=1]"],
+        seeds=[0, 1],
+        images=8,
+        synthesis={"iterations": 2, "batch_size": 8},
+        eval_limit=50,
+    )
+    results = bench_quality(config, tmp_path)
+    cells = results["cells"]
+    assert len(cells) == 2 * 3 * 2
+    assert {c["source"] for c in cells} == {"real", "gznq", "mct[n_iter=1]"}
+    assert all(c["n"] == 50 and 0 <= c["top1"] <= 100 and 0 <= c["agreement"] <= 100 for c in cells)
+    assert all(c["synthesis_seconds"] > 0 for c in cells if c["source"] != "real")
+    assert all(c["bn_loss_trace"] for c in cells if c["source"] == "gznq")
+    table = (tmp_path / "results.md").read_text()
+    assert "| brevitas-w4a4 | gznq | 2 |" in table and "±" in table
+    assert json.loads((tmp_path / "results.json").read_text())["float"]["cifar_resnet20:tune"]["n"] == 50
+
+    from brevitas_zeroshot.bench._plots import write_plots
+
+    written = write_plots(results, tmp_path)
+    assert {p.name for p in written} == {
+        "accuracy-cifar_resnet20_tune.png",
+        "bn-loss-cifar_resnet20_tune.png",
+        "grid-cifar_resnet20_tune.png",
+    }
+    assert all(p.stat().st_size > 1000 for p in written)
+
+    # An interrupted run resumes: finished cells are kept as they are, a missing one is redone.
+    files = sorted((tmp_path / "cells").rglob("seed*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    files[0].unlink()
+    again = bench_quality(config, tmp_path)
+    assert len(again["cells"]) == len(cells) and files[0].exists()
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in files[1:])
