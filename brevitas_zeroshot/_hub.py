@@ -83,7 +83,6 @@ def model_card(folder: str | Path, repo_id: str):
 def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> dict:
     q, calib = meta["quantization"], meta.get("calibration", {})
     source = calib.get("source") or "unknown"
-    synthetic = source not in ("real", "unknown")
     if "quantized" in results:
         f, r = results["float"], results["quantized"]
         metrics = (
@@ -102,19 +101,29 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         + (", GPTQ" if q.get("gptq") or (q.get("gptq") is None and q.get("w_bits", 8) < 8) else "")
         + (", bias correction" if q.get("bias_correction") else "")
     )
-    weights = "the file named in `quant_config.json`" if meta.get("checkpoint") else "timm's pretrained weights"
+    if base:
+        origin = f"[{base}](https://huggingface.co/{base})"
+        origin += " with weights from a local checkpoint" if meta.get("checkpoint") else ""
+    else:
+        origin = f"`{meta['model']}`" + (" with weights from a local checkpoint" if meta.get("checkpoint") else "")
+    n = calib.get("num_images", "?")
+    if source in ("gznq", "zeroq") or source.startswith("bn-"):
+        described = (
+            f"{n} images synthesised from the float model's BatchNorm statistics (source `{source}`, seed "
+            f"{calib.get('seed')}); no real image was used"
+        )
+    elif source == "gaussian":
+        described = f"{n} images of Gaussian noise; no real image was used"
+    elif source == "real":
+        described = f"{n} real images (not published here)"
+    else:
+        described = f"{n} images from the calibration source `{source}`"
     return {
         "repo_id": repo_id,
         "model": meta["model"],
-        "base": f"[{base}](https://huggingface.co/{base})" if base else f"`{meta['model']}` (not on the Hub)",
-        "weights": weights,
+        "base": origin,
         "scheme": scheme,
-        "calibration": (
-            f"{calib.get('num_images', '?')} images synthesised from the float model's BatchNorm statistics "
-            f"(source `{source}`, seed {calib.get('seed')}); no real image was used"
-            if synthetic
-            else f"{calib.get('num_images', '?')} real images (not published here)"
-        ),
+        "calibration": described,
         "metrics": metrics,
         "command": results.get("command") or "not recorded",
         "files": ", ".join(f"`{v}`" for v in meta.get("files", {}).values() if v),
@@ -128,7 +137,7 @@ _TEMPLATE = """---
 
 # {{ repo_id }}
 
-A post-training quantized version of {{ base }} ({{ weights }}), made with
+A post-training quantized version of {{ base }}, made with
 [brevitas-zeroshot](https://pypi.org/project/brevitas-zeroshot/): **{{ scheme }}**.
 
 Calibration: {{ calibration }}.

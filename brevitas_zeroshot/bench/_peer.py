@@ -29,6 +29,7 @@ def mct(model, data_config, num_images, seed, out, device, **settings) -> Synthe
     """Sony Model Compression Toolkit's data generation with its defaults; ``settings`` override them."""
     try:
         import numpy as np
+        from model_compression_toolkit import data_generation as dg
         from model_compression_toolkit.data_generation import (
             ImageNormalizationType,
             get_pytorch_data_generation_config,
@@ -38,10 +39,24 @@ def mct(model, data_config, num_images, seed, out, device, **settings) -> Synthe
         raise BzqError(
             f"the 'mct' source needs Sony's model-compression-toolkit ({e}): pip install 'brevitas-zeroshot[bench]'."
         ) from None
-    key = tuple(tuple(round(float(v), 3) for v in data_config[k]) for k in ("mean", "std"))
-    if key not in _NORMALIZATION:
-        raise BzqError(f"MCT supports only its built-in input normalisations, not mean/std {key}.")
-    settings.setdefault("image_normalization_type", getattr(ImageNormalizationType, _NORMALIZATION[key]))
+    norm = tuple(tuple(round(float(v), 3) for v in data_config[k]) for k in ("mean", "std"))
+    if norm not in _NORMALIZATION:
+        raise BzqError(f"MCT supports only its built-in input normalisations, not mean/std {norm}.")
+    enums = {
+        "image_pipeline_type": dg.ImagePipelineType,
+        "output_loss_type": dg.OutputLossType,
+        "image_granularity": dg.ImageGranularity,
+        "data_init_type": dg.DataInitType,
+        "layer_weighting_type": dg.BNLayerWeightingType,
+        "scheduler_type": dg.SchedulerType,
+    }
+    for key, value in list(settings.items()):  # enum members by name, e.g. mct[image_pipeline_type=IDENTITY]
+        if key in enums and isinstance(value, str):
+            try:
+                settings[key] = enums[key][value]
+            except KeyError:
+                raise BzqError(f"mct: {key} must be one of {', '.join(enums[key].__members__)}.") from None
+    settings.setdefault("image_normalization_type", getattr(ImageNormalizationType, _NORMALIZATION[norm]))
     config = get_pytorch_data_generation_config(**settings)
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -54,7 +69,8 @@ def mct(model, data_config, num_images, seed, out, device, **settings) -> Synthe
         model.train(was_training)
     meta = set_meta("mct", model, data_config, seed)
     meta["synthesis_seconds"] = round(time.perf_counter() - start, 3)
-    meta["config"] = {k: v for k, v in settings.items() if isinstance(v, int | float | str | bool)}
+    named = {k: getattr(v, "name", v) for k, v in settings.items()}  # enum members by name
+    meta["config"] = {k: v for k, v in named.items() if isinstance(v, int | float | str | bool)}
     labels = balanced_labels(num_images, data_config.get("num_classes") or 1, seed)  # MCT is not class-conditional
     result = SyntheticSet(torch.cat(images).float().cpu(), labels, meta)
     if out is not None:

@@ -63,6 +63,7 @@ class SynthesisConfig:
     lr: float = 0.1
     bn_loss: str = "kl"  # "kl" (GZNQ: Gaussian KL per channel) or "l2" (ZeroQ/DeepInversion square loss)
     parameterization: str = "distribution"  # "distribution" (learned per-pixel mean + log-std) or "pixel"
+    init: str = "noise"  # "noise": white N(0, 1); "diverse": per-image colour, contrast and smooth structure
     init_std: float = 0.1  # initial per-pixel std of the learned distribution, in normalised units
     draws: int = 1  # images drawn from each learned distribution (distribution parameterisation only)
     bn_weight: float = 1.0
@@ -73,6 +74,7 @@ class SynthesisConfig:
     jitter: float = 0.0  # random shift, as a fraction of the image side (hurt at W4A4 on CIFAR, docs/method.md)
     flip: bool = False
     crop_scale: float = 1.0  # smallest area of a random resized crop (1.0 = no crop)
+    canvas: int = 0  # learn images this many pixels larger on each side; each step sees a random window of them
     blur_sigma: float = 0.0  # Gaussian low-pass (pixels) on every sample: smooth images by construction
     seed: int = 0
     max_restarts: int = 3
@@ -91,6 +93,10 @@ class SynthesisConfig:
             raise BzqError(f"batch_size ({self.batch_size}) must be a multiple of draws ({self.draws}).")
         if self.parameterization == "pixel" and self.draws != 1:
             raise BzqError("draws > 1 needs the distribution parameterisation.")
+        if self.init not in ("noise", "diverse"):
+            raise BzqError(f"init must be 'noise' or 'diverse', not {self.init!r}.")
+        if self.canvas < 0:
+            raise BzqError("canvas must be 0 or more pixels.")
         if not 0 < self.crop_scale <= 1:
             raise BzqError("crop_scale must be in (0, 1].")
 
@@ -319,7 +325,8 @@ class SyntheticCalibrator:
         gen = torch.Generator(dev).manual_seed(seed)
         rng = random.Random(seed)
         target = labels.to(dev)
-        mean = torch.randn((slots, c, h, w), generator=gen, device=dev)
+        pad = cfg.canvas
+        mean = self._init_images((slots, c, h + 2 * pad, w + 2 * pad), gen)
         mean = torch.max(torch.min(mean, self.high), self.low).contiguous(memory_format=torch.channels_last)
         params = [mean.requires_grad_()]
         distribution = cfg.parameterization == "distribution"
@@ -347,6 +354,9 @@ class SyntheticCalibrator:
 
         for step in range(cfg.iterations):
             x = sample()
+            if pad:  # one random window for the whole batch (drawn in Python: no device sync)
+                top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+                x = x[..., top : top + h, left : left + w]
             with amp:
                 logits = self.model(self._augment(x, rng))
             bn = stats.loss()
@@ -374,7 +384,7 @@ class SyntheticCalibrator:
             bar.update(1)
 
         with torch.no_grad():
-            x = sample().detach()
+            x = sample().detach()[..., pad : pad + h, pad : pad + w]
             with amp:
                 logits = self.model(x.contiguous(memory_format=torch.channels_last))
             per_channel = stats.channel_loss()
@@ -389,6 +399,20 @@ class SyntheticCalibrator:
             "target_hit_rate": float((logits.float().argmax(1) == target).float().mean()),
         }
         return x.contiguous().float().cpu(), summary
+
+    def _init_images(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        """Starting images. "diverse" gives every image its own colour offset, contrast and smooth structure, so the
+        set starts as varied as real images are (white noise makes every image alike, and they stay alike)."""
+        dev = self.device
+        if self.config.init == "noise":
+            return torch.randn(shape, generator=gen, device=dev)
+        n, c, h, w = shape
+        offset = 0.5 * torch.randn((n, c, 1, 1), generator=gen, device=dev)
+        contrast = 0.25 + 0.75 * torch.rand((n, 1, 1, 1), generator=gen, device=dev)
+        coarse = torch.randn((n, c, max(2, h // 8), max(2, w // 8)), generator=gen, device=dev)
+        smooth = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+        fine = torch.randn(shape, generator=gen, device=dev)
+        return offset + contrast * (0.8 * smooth + 0.6 * fine)
 
     def _augment(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """One random flip, shift and crop for the whole batch (drawn in Python: no device sync)."""
