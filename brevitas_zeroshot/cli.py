@@ -158,8 +158,13 @@ def generate(
     checkpoint: CheckpointOpt = None,
     images: Annotated[int, typer.Option("--images", min=1, help="Number of images.")] = 256,
     iterations: Annotated[int, typer.Option("--iterations", min=0, help="Optimisation steps per batch.")] = 200,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images whose statistics are matched together.")
+    ] = 128,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    init: Annotated[str, typer.Option("--init", help="diverse (per-image colour/contrast/structure) or noise.")] = (
+        "diverse"
+    ),
     loss: Annotated[
         str, typer.Option("--loss", help="BN loss: kl (GZNQ), kl_forward, or l2 (ZeroQ square loss).")
     ] = "kl",
@@ -202,6 +207,7 @@ def generate(
         batch_size=batch_size,
         seed=seed,
         bn_loss=loss,
+        init=init,
         parameterization=param,
         lr=lr,
         draws=draws,
@@ -243,7 +249,9 @@ def quantize(
     checkpoint: CheckpointOpt = None,
     images: Annotated[int, typer.Option("--images", min=1, help="Calibration images.")] = 128,
     iterations: Annotated[int, typer.Option("--iterations", min=0, help="Synthesis steps per batch.")] = 200,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Synthesis batch size.")] = 64,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Synthesis batch (statistics matched over it).")
+    ] = 128,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     eval_data: Annotated[
         Path | None, typer.Option("--eval-data", help="Real labelled images to evaluate float and quantized models.")

@@ -58,12 +58,12 @@ class SynthesisConfig:
     """Settings of the BN-prior generator. Defaults were chosen by measurement (docs/method.md)."""
 
     num_images: int = 256
-    batch_size: int = 64
+    batch_size: int = 128  # statistics are matched over each batch: larger batches give more varied images
     iterations: int = 200
     lr: float = 0.1
     bn_loss: str = "kl"  # "kl" (GZNQ: Gaussian KL per channel) or "l2" (ZeroQ/DeepInversion square loss)
     parameterization: str = "distribution"  # "distribution" (learned per-pixel mean + log-std) or "pixel"
-    init: str = "noise"  # "noise": white N(0, 1); "diverse": per-image colour, contrast and smooth structure
+    init: str = "diverse"  # per-image colour, contrast and smooth structure; "noise": white N(0, 1)
     init_std: float = 0.1  # initial per-pixel std of the learned distribution, in normalised units
     draws: int = 1  # images drawn from each learned distribution (distribution parameterisation only)
     bn_weight: float = 1.0

@@ -24,7 +24,14 @@ _SOURCES: dict[str, Callable[..., SyntheticSet]] = {}
 
 # ZeroQ-style baseline: square loss on BN statistics, plain pixels, no labels, priors or augmentation.
 ZEROQ_SETTINGS = dict(
-    bn_loss="l2", parameterization="pixel", ce_weight=0.0, tv_weight=0.0, l2_weight=0.0, jitter=0.0, flip=False
+    bn_loss="l2",
+    parameterization="pixel",
+    init="noise",
+    ce_weight=0.0,
+    tv_weight=0.0,
+    l2_weight=0.0,
+    jitter=0.0,
+    flip=False,
 )
 
 
