@@ -268,7 +268,7 @@ def _w4_bias_corrected(model: nn.Module, calib: torch.Tensor) -> nn.Module:
 def test_synthetic_data_corrects_biases_better_than_noise(resnet20, cifar_test_dev):
     model, cfg = resnet20
     loader = create_loader(cifar_test_dev, cfg, batch_size=500, workers=0)
-    synthetic = SyntheticCalibrator(model, cfg, num_images=128, batch_size=64).generate(show_progress=False)
+    synthetic = SyntheticCalibrator(model, cfg, num_images=128).generate(show_progress=False)  # the defaults
     noise = create_calibration_set("gaussian", model, cfg, num_images=128)
 
     @torch.no_grad()
@@ -333,3 +333,20 @@ def test_fused_bn_statistics_match_a_plain_reference(name, kind):
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4)
+
+
+def test_diverse_init_gives_varied_images_and_canvas_keeps_the_input_size(r20):
+    model, cfg = r20
+
+    def spread(images):  # how much the per-image colour differs across the set
+        return images.mean((2, 3)).std(0).mean().item()
+
+    noise = SyntheticCalibrator(model, cfg, init="noise", **TINY).generate(show_progress=False)
+    diverse = SyntheticCalibrator(model, cfg, init="diverse", **TINY).generate(show_progress=False)
+    assert spread(diverse.images) > 3 * spread(noise.images)
+    canvas = SyntheticCalibrator(model, cfg, canvas=8, flip=True, **TINY).generate(show_progress=False)
+    assert canvas.images.shape == diverse.images.shape and not torch.equal(canvas.images, diverse.images)
+    with pytest.raises(BzqError, match="init must be"):
+        SynthesisConfig(init="zeros")
+    with pytest.raises(BzqError, match="canvas"):
+        SynthesisConfig(canvas=-1)
