@@ -76,6 +76,7 @@ class SynthesisConfig:
     crop_scale: float = 1.0  # smallest area of a random resized crop (1.0 = no crop)
     canvas: int = 0  # learn images this many pixels larger on each side; each step sees a random window of them
     blur_sigma: float = 0.0  # Gaussian low-pass (pixels) on every sample: smooth images by construction
+    smooth: float = 1.25  # sigma (pixels) of a 3x3 Gaussian low-pass on the finished images only (0: off)
     seed: int = 0
     max_restarts: int = 3
 
@@ -95,14 +96,16 @@ class SynthesisConfig:
             raise BzqError("draws > 1 needs the distribution parameterisation.")
         if self.init not in ("noise", "diverse"):
             raise BzqError(f"init must be 'noise' or 'diverse', not {self.init!r}.")
+        if self.smooth < 0:
+            raise BzqError("smooth must be 0 (off) or a positive sigma in pixels.")
         if self.canvas < 0:
             raise BzqError("canvas must be 0 or more pixels.")
         if not 0 < self.crop_scale <= 1:
             raise BzqError("crop_scale must be in (0, 1].")
 
 
-def _gaussian_kernel(sigma: float, channels: int, device: torch.device) -> torch.Tensor:
-    radius = max(1, round(2 * sigma))
+def _gaussian_kernel(sigma: float, channels: int, device: torch.device, radius: int | None = None) -> torch.Tensor:
+    radius = radius or max(1, round(2 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=torch.float, device=device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
@@ -385,6 +388,9 @@ class SyntheticCalibrator:
 
         with torch.no_grad():
             x = sample().detach()[..., pad : pad + h, pad : pad + w]
+            if cfg.smooth > 0:  # GPTQ and bias correction otherwise fit the pixel noise the BN loss leaves in
+                k = _gaussian_kernel(cfg.smooth, c, dev, radius=1)
+                x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k, groups=c)
             with amp:
                 logits = self.model(x.contiguous(memory_format=torch.channels_last))
             per_channel = stats.channel_loss()

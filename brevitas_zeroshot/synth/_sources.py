@@ -27,6 +27,7 @@ ZEROQ_SETTINGS = dict(
     bn_loss="l2",
     parameterization="pixel",
     init="noise",
+    smooth=0.0,
     ce_weight=0.0,
     tv_weight=0.0,
     l2_weight=0.0,
