@@ -502,11 +502,14 @@ def recipe_run(
 def bench_synthesis(
     model: ModelArg,
     checkpoint: CheckpointOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Steps per timing.")] = 10,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved timings; medians are reported.")] = 3,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
     pretrained: Annotated[bool, typer.Option(help="Load pretrained weights (timing does not need them).")] = True,
+    peer: Annotated[
+        bool, typer.Option("--peer", help="Also time Sony MCT's generator step on the same batch (bench extra).")
+    ] = False,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -519,7 +522,9 @@ def bench_synthesis(
     if threads:
         torch.set_num_threads(threads)
     net, data_config = load_model(model, checkpoint=checkpoint, pretrained=pretrained)
-    result = benchmark_synthesis(net, data_config, batch_size=batch_size, steps=steps, repeats=repeats, device=device)
+    result = benchmark_synthesis(
+        net, data_config, batch_size=batch_size, steps=steps, repeats=repeats, device=device, peer=peer
+    )
     _emit(result, as_json, f"synthesis benchmark for {model}")
 
 

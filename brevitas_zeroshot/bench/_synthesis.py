@@ -25,10 +25,11 @@ def _sync(device: torch.device) -> None:
 def benchmark_synthesis(
     model: nn.Module,
     data_config: dict | None = None,
-    batch_size: int = 64,
+    batch_size: int = 128,
     steps: int = 20,
     repeats: int = 3,
     device: str | torch.device | None = None,
+    peer: bool = False,
     **settings,
 ) -> dict:
     """Seconds per synthesis step and per bare forward+backward (input gradient, frozen weights), and their ratio.
@@ -65,14 +66,34 @@ def benchmark_synthesis(
         _sync(device)
         return time.perf_counter() - t
 
+    def mct(n: int) -> float:
+        from ._peer import mct as mct_source
+
+        _sync(device)
+        t = time.perf_counter()
+        mct_source(model, calib.data_config, batch_size, 0, None, device, n_iter=n, data_gen_batch_size=batch_size)
+        _sync(device)
+        return time.perf_counter() - t
+
     bare(2), synth(2)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bare_times, synth_times = [], []
+    bare_times, synth_times, mct_times = [], [], []
     for _ in range(repeats):
         bare_times.append(bare(steps) / steps)
         synth_times.append((synth(steps) - synth(0)) / steps)
+        if peer:  # MCT's setup (copy, trace) cancels out in the difference
+            mct_times.append((mct(2 * steps) - mct(steps)) / steps)
     step, fwd_bwd = statistics.median(synth_times), statistics.median(bare_times)
+    extra = {}
+    if peer:
+        mct_step = statistics.median(mct_times)
+        extra = {
+            "mct_step_s": mct_step,
+            "mct_iterations": 500,
+            # wall time for the same images, each with its default number of iterations
+            "time_vs_mct": (step * iterations) / (mct_step * 500),
+        }
     return {
         "model": calib.manifest()["model"],
         "device": str(device),
@@ -88,4 +109,5 @@ def benchmark_synthesis(
         if device.type == "cuda"
         else _peak_rss_mib(),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        **extra,
     }
