@@ -45,10 +45,7 @@ def write_plots(results: dict, out: str | Path) -> list[Path]:
         ax.set_ylabel("top-1 % (held-out real images)")
         ax.set_title(f"{task}: quantized accuracy by calibration source")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / f"accuracy-{_slug(task)}.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out / f"accuracy-{_slug(task)}.png"))
 
         traces = {}
         for c in results["cells"]:
@@ -63,10 +60,7 @@ def write_plots(results: dict, out: str | Path) -> list[Path]:
             ax.set_ylabel("BN loss (each source's own loss)")
             ax.set_title(f"{task}: BN loss during synthesis (seed {min(c['seed'] for c in results['cells'])})")
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            written.append(out / f"bn-loss-{_slug(task)}.png")
-            fig.savefig(written[-1], dpi=110)
-            plt.close(fig)
+            written.append(_save(fig, out / f"bn-loss-{_slug(task)}.png"))
 
         grid = _picture_grid(out / "sets" / _slug(task))
         if grid is not None:
@@ -76,11 +70,17 @@ def write_plots(results: dict, out: str | Path) -> list[Path]:
             ax.set_yticks([(i + 0.5) * image.shape[0] / len(labels) for i in range(len(labels))], labels, fontsize=8)
             ax.set_xticks([])
             ax.set_title(f"{task}: first 8 calibration images per source (seed 0)", fontsize=9)
-            fig.tight_layout()
-            written.append(out / f"grid-{_slug(task)}.png")
-            fig.savefig(written[-1], dpi=110)
-            plt.close(fig)
+            written.append(_save(fig, out / f"grid-{_slug(task)}.png"))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _picture_grid(task_sets: Path, per_row: int = 8):
