@@ -5,6 +5,8 @@ logged or written here. ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` work as huggingface
 """
 
 import json
+import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,8 +31,11 @@ def _read(folder: Path, name: str) -> dict:
 
 
 def _base_model(meta: dict) -> str | None:
-    """The Hub id of the float model: an ``hf-hub:`` name, or the pretrained tag timm would download."""
+    """The Hub id of the float model: an ``hf-hub:`` name, or the pretrained tag timm would download; None when the
+    weights came from the user's own checkpoint (a fine-tuned model is not timm's)."""
     name = meta["model"]
+    if meta.get("checkpoint"):
+        return None
     if name.startswith("hf-hub:"):
         return name[len("hf-hub:") :]
     try:
@@ -103,9 +108,12 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
     )
     if base:
         origin = f"[{base}](https://huggingface.co/{base})"
-        origin += " with weights from a local checkpoint" if meta.get("checkpoint") else ""
+    elif meta.get("checkpoint"):
+        origin = (
+            f"`{meta['model']}` (timm architecture) with weights from the checkpoint `{Path(meta['checkpoint']).name}`"
+        )
     else:
-        origin = f"`{meta['model']}`" + (" with weights from a local checkpoint" if meta.get("checkpoint") else "")
+        origin = f"`{meta['model']}`"
     n = calib.get("num_images", "?")
     if source in ("gznq", "zeroq") or source.startswith("bn-"):
         described = (
@@ -125,7 +133,7 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         "scheme": scheme,
         "calibration": described,
         "metrics": metrics,
-        "command": results.get("command") or "not recorded",
+        "command": public_command(results.get("command")) or "not recorded",
         "files": ", ".join(f"`{v}`" for v in meta.get("files", {}).values() if v),
         "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
     }
@@ -169,23 +177,76 @@ Post-training quantization changes the model's predictions on some inputs (see t
 accuracy above was measured on a small labelled sample; measure on your own data before relying on it.
 """
 
-_PUBLISHED = ("model.safetensors", "model.onnx", "model.pt2", QUANT_CONFIG, RESULTS)
+_PUBLISHED = ("model.safetensors", "model.onnx", "model.pt2")
+_CARD = "README.md"
+
+
+def public_command(command: str | None) -> str | None:
+    """``command`` with every local path cut to its last part: a card must not publish the user's folders."""
+    if not command:
+        return command
+    parts = []
+    for arg in shlex.split(command):
+        key, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if os.sep in value or value.startswith("~"):
+            value = Path(value).name or value
+        parts.append(f"{key}{sep}{value}" if sep else value)
+    return shlex.join(parts)
+
+
+def _public_records(folder: Path) -> dict[str, dict]:
+    """quant_config.json and results.json as published: local paths cut to file names."""
+    meta, results = _read(folder, QUANT_CONFIG), _read(folder, RESULTS)
+    if meta.get("checkpoint"):
+        meta["checkpoint"] = Path(meta["checkpoint"]).name
+    if results.get("command"):
+        results["command"] = public_command(results["command"])
+    if results.get("eval_data"):
+        results["eval_data"] = Path(results["eval_data"]).name
+    return {QUANT_CONFIG: meta, **({RESULTS: results} if results else {})}
+
+
+def _is_own_stage(stage: Path) -> bool:
+    """Whether ``stage`` holds only what an earlier ``stage_upload`` wrote (so it may be replaced)."""
+    allowed = {*_PUBLISHED, QUANT_CONFIG, RESULTS, _CARD, "calibration"}
+    if {p.name for p in stage.iterdir()} - allowed or not (stage / _CARD).is_file():
+        return False
+    calib = stage / "calibration"
+    if calib.exists() and (not calib.is_dir() or {p.name for p in calib.iterdir()} - {MANIFEST, PREVIEW}):
+        return False
+    return "brevitas-zeroshot" in (stage / _CARD).read_text(errors="replace")
 
 
 def stage_upload(folder: str | Path, stage: str | Path, repo_id: str) -> list[Path]:
-    """Write into ``stage`` exactly what ``push_to_hub`` uploads; returns the files, relative to ``stage``."""
+    """Write into ``stage`` exactly what ``push_to_hub`` uploads; returns the files, relative to ``stage``.
+
+    An existing ``stage`` is replaced only when it holds nothing but an earlier upload staged by bzq.
+    """
     folder, stage = Path(folder), Path(stage)
     card = model_card(folder, repo_id)  # fails on a folder that is not a quantized model before anything is written
-    if stage.exists():
-        shutil.rmtree(stage)
-    (stage / "calibration").mkdir(parents=True)
-    for name in _PUBLISHED:
-        if (folder / name).exists():
-            shutil.copy2(folder / name, stage / name)
-    for name in (MANIFEST, PREVIEW):  # never the shards: only the description of the set and a preview
-        if (folder / "calibration" / name).exists():
-            shutil.copy2(folder / "calibration" / name, stage / "calibration" / name)
-    card.save(stage / "README.md")
+    if stage.exists() and not (stage.is_dir() and _is_own_stage(stage)):
+        raise BzqError(
+            f"'{stage}' exists and holds files bzq did not stage; bzq never replaces files it did not write: "
+            "move it away, or stage elsewhere."
+        )
+    tmp = stage.with_name(f".{stage.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "calibration").mkdir(parents=True)
+        for name in _PUBLISHED:
+            if (folder / name).exists():
+                shutil.copy2(folder / name, tmp / name)
+        for name, record in _public_records(folder).items():
+            (tmp / name).write_text(json.dumps(record, indent=2))
+        for name in (MANIFEST, PREVIEW):  # never the shards: only the description of the set and a preview
+            if (folder / "calibration" / name).exists():
+                shutil.copy2(folder / "calibration" / name, tmp / "calibration" / name)
+        card.save(tmp / _CARD)
+        if stage.exists():
+            shutil.rmtree(stage)
+        tmp.rename(stage)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
 
 

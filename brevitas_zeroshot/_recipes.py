@@ -91,12 +91,19 @@ def _check_type(key: str, value, base: type, nullable: bool, where: str):
     raise BzqError(f"{where}: '{key}' must be {base.__name__}{' or null' if nullable else ''}, not {value!r}.")
 
 
-def _lines(text: str) -> dict[str, int]:
-    """Line number of each top-level key."""
+def _lines(text: str, path: Path) -> dict[str, int]:
+    """Line number of each top-level key; a key given twice is refused (YAML would keep the last silently)."""
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if not isinstance(node, yaml.MappingNode):
         return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    lines: dict[str, int] = {}
+    for k, _ in node.value:
+        if k.value in lines:
+            raise BzqError(
+                f"{path}:{k.start_mark.line + 1}: '{k.value}' is given twice (first on line {lines[k.value]})."
+            )
+        lines[k.value] = k.start_mark.line + 1
+    return lines
 
 
 def load_recipe(path: str | Path, command, overrides: list[str] = ()) -> tuple[dict, dict]:
@@ -107,12 +114,15 @@ def load_recipe(path: str | Path, command, overrides: list[str] = ()) -> tuple[d
     path = Path(path)
     try:
         text = path.read_text()
+        lines = _lines(text, path)
         data = yaml.safe_load(text)
-        lines = _lines(text)
     except OSError as e:
         raise BzqError(f"cannot read recipe '{path}': {e}") from None
     except yaml.YAMLError as e:
-        raise BzqError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise BzqError(f"{where}: not valid YAML ({problem}).") from None
     if not isinstance(data, dict):
         raise BzqError(f"{path}: a recipe is a flat YAML mapping of `bzq quantize` options.")
     options = _option_types(command)
@@ -142,7 +152,7 @@ def load_recipe(path: str | Path, command, overrides: list[str] = ()) -> tuple[d
     full.setdefault("as_json", False)
     if full.get("out") is None:
         full["out"] = Path(path.stem)
-    from .cli import make_quant_config
+    from ._pipeline import make_quant_config
 
     try:
         make_quant_config(full)

@@ -13,7 +13,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
-    """A progress bar on stderr, so stdout stays clean for ``--json``."""
+    """A progress bar on stderr, so stdout stays clean for ``--json``; none when stderr is not a terminal (a
+    redirected log would fill with carriage-return frames)."""
+    kwargs["disable"] = kwargs.get("disable", False) or not sys.stderr.isatty()
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
 
 

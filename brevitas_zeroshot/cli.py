@@ -4,14 +4,13 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ._errors import BzqError
+from ._errors import BzqError, BzqInterrupted, BzqPartial
 
 app = typer.Typer(
     name="bzq",
@@ -186,9 +185,10 @@ def generate(
     Runs on several processes under torchrun (`torchrun --nproc-per-node N -m brevitas_zeroshot generate ...`,
     or `--nproc N`): the set is identical whatever the number of processes.
     """
+    from ._files import STAGING
     from .models import load_model
     from .synth import SyntheticCalibrator
-    from .synth._set import MANIFEST, read_manifest
+    from .synth._set import read_manifest
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_launch_torchrun(nproc))
@@ -216,8 +216,8 @@ def generate(
     try:
         result = calib.generate(out, overwrite=overwrite)
     except KeyboardInterrupt:
-        kept = len(list(out.glob("shard-*.safetensors"))) if (out / MANIFEST).exists() else 0
-        raise BzqError(
+        kept = len(list(out.glob("shard-*.safetensors"))) + len(list((out / STAGING).glob("shard-*.safetensors")))
+        raise BzqInterrupted(
             f"interrupted: {kept} finished batches are kept in '{out}'; rerun the same command to resume."
         ) from None
     if rank > 0:
@@ -272,142 +272,61 @@ def quantize(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Quantize a model with Brevitas or PT2E, calibrated on synthetic images (or another source)."""
+    """Quantize a model with Brevitas or PT2E, calibrated on synthetic images (or another source).
+
+    Everything is checked before any work; the new result replaces what is in --out only once it is complete.
+    """
     _quantize(dict(locals()), "bzq " + shlex.join(sys.argv[1:]))
 
 
-def make_quant_config(o: dict):
-    """The backend config named by ``bzq quantize`` options (raises on impossible settings, before any work)."""
-    from .quant import BrevitasConfig, PT2EConfig
-
-    if o["backend"] == "brevitas":
-        return BrevitasConfig(
-            w_bits=o["w_bits"],
-            a_bits=o["a_bits"],
-            first_last_bits=o["first_last_bits"] or None,
-            gptq=o["gptq"],
-            gpfq=o["gpfq"],
-            bias_correction=o["bias_correction"],
-            graph=o["graph"],
-        )
-    if o["backend"] == "pt2e":
-        return PT2EConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], target=o["target"])
-    raise BzqError(f"unknown backend '{o['backend']}': use brevitas or pt2e.")
-
-
 def _quantize(o: dict, command: str) -> None:
-    from .quant._api import prepare_output
+    from ._files import STAGING
+    from ._pipeline import make_quant_config, run_quantize
 
     config = make_quant_config(o)
-    prepare_output(o["out"], o["overwrite"])  # everything is checked before any synthesis is spent
-    result = run_quantize(
-        o["model"],
-        config,
-        o["calib"],
-        o["out"],
-        checkpoint=o["checkpoint"],
-        images=o["images"],
-        seed=o["seed"],
-        eval_data=o["eval_data"],
-        eval_limit=o["eval_limit"],
-        device=o["device"],
-        export_onnx=o["onnx"],
-        iterations=o["iterations"],
-        batch_size=o["batch_size"],
-        overwrite=o["overwrite"],
-        command=command,
-    )
+    try:
+        result = run_quantize(
+            o["model"],
+            config,
+            o["calib"],
+            o["out"],
+            checkpoint=o["checkpoint"],
+            images=o["images"],
+            seed=o["seed"],
+            eval_data=o["eval_data"],
+            eval_limit=o["eval_limit"],
+            device=o["device"],
+            export_onnx=o["onnx"],
+            iterations=o["iterations"],
+            batch_size=o["batch_size"],
+            overwrite=o["overwrite"],
+            command=command,
+        )
+    except KeyboardInterrupt:
+        kept = len(list((o["out"] / STAGING).rglob("shard-*.safetensors")))
+        raise BzqInterrupted(
+            f"interrupted: '{o['out']}' is unchanged; {kept} finished synthesis batches are kept in "
+            f"'{o['out'] / STAGING}'; rerun the same command to resume."
+        ) from None
     if o["as_json"]:
         print(json.dumps(result))
-        return
-    print(
-        f"{o['model']} {o['backend']} W{o['w_bits']}A{o['a_bits']}, calibrated on {o['calib']} "
-        f"({o['images']} images) -> {o['out']}"
-    )
-    for key in ("float", "quantized"):
-        if key in result:
-            r = result[key]
-            extra = f"  agreement {r['agreement']:.2f}%  KL {r['kl']:.4f}" if "agreement" in r else ""
-            print(f"  {key:>9}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (n={r['n']}){extra}")
-    for note in result["report"].get("notes", []):
-        print(f"  note: {note}")
-
-
-def run_quantize(
-    model: str,
-    config,
-    calib: str,
-    out: Path,
-    *,
-    checkpoint: Path | None = None,
-    images: int = 128,
-    seed: int = 0,
-    eval_data: Path | None = None,
-    eval_limit: int | None = None,
-    device: str = "auto",
-    export_onnx: bool = True,
-    command: str | None = None,
-    **synthesis,
-) -> dict:
-    """Load, calibrate (synthesising into OUT/calibration, resumable), quantize, save, evaluate; results.json."""
-    import time
-
-    from ._evaluate import evaluate
-    from ._utils import resolve_device
-    from .data import create_loader
-    from .models import load_model
-    from .quant import PT2EConfig, save_quantized
-    from .quant import quantize as quantize_model
-    from .synth._sources import create_calibration_set
-
-    dev = resolve_device(device)
-    net, data_config = load_model(model, checkpoint=checkpoint)
-    net.to(dev)
-    loader = create_loader(eval_data, data_config, limit=eval_limit) if eval_data is not None else None
-    t0 = time.perf_counter()
-    generated = calib in ("gznq", "zeroq")
-    if not generated:  # a synthetic set left there by an earlier run is not this run's calibration data
-        shutil.rmtree(out / "calibration", ignore_errors=True)
-    calib_set = create_calibration_set(
-        calib,
-        net,
-        data_config,
-        num_images=images,
-        seed=seed,
-        device=dev,
-        out=out / "calibration" if generated else None,
-        **(synthesis if generated else {}),
-    )
-    t1 = time.perf_counter()
-    qmodel, report = quantize_model(net, calib_set, config)
-    t2 = time.perf_counter()
-    save_quantized(
-        qmodel,
-        out,
-        model_name=model,
-        config=config,
-        data_config=data_config,
-        calib=calib_set,
-        report=report,
-        checkpoint=checkpoint,
-        export_onnx=export_onnx,
-    )
-    result = {
-        "model": model,
-        "backend": "pt2e" if isinstance(config, PT2EConfig) else "brevitas",
-        "w_bits": config.w_bits,
-        "a_bits": config.a_bits,
-        "calibration": {"source": calib_set.meta.get("source"), "images": len(calib_set), "seed": seed},
-        "report": report,
-        "seconds": {"calibration_set": round(t1 - t0, 2), "quantization": round(t2 - t1, 2)},
-        "command": command,
-    }
-    if loader is not None:
-        result["eval_data"] = str(eval_data)
-        result["float"] = evaluate(net, loader, device=dev)
-        result["quantized"] = evaluate(qmodel, loader, reference=net, device=dev)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    return result
+    else:
+        c = result["calibration"]
+        print(
+            f"{o['model']} {o['backend']} W{o['w_bits']}A{o['a_bits']}, calibrated on {c['source']} "
+            f"({c['images']} images, seed {c['seed']}) -> {o['out']}"
+        )
+        for key in ("float", "quantized"):
+            if key in result:
+                r = result[key]
+                extra = f"  agreement {r['agreement']:.2f}%  KL {r['kl']:.4f}" if "agreement" in r else ""
+                print(f"  {key:>9}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (n={r['n']}){extra}")
+        for note in result["report"].get("notes", []):
+            print(f"  note: {note}")
+    if result["failed_steps"]:
+        raise BzqPartial(
+            f"{'; '.join(result['failed_steps'])} (the model and results.json were written to '{o['out']}')"
+        )
 
 
 @app.command()
@@ -482,7 +401,8 @@ def recipe_run(
     path = find_recipe(recipe)
     overrides = list(set_ or []) + ([f"out={out}"] if out is not None else [])
     options, info = load_recipe(path, quantize, overrides)
-    command = "bzq recipe run " + shlex.join([path.stem, *sum((["--set", s] for s in overrides), [])])
+    named = str(path) if Path(recipe).is_file() else path.stem  # as given: a file path, or a listed name
+    command = "bzq recipe run " + shlex.join([named, *sum((["--set", s] for s in overrides), [])])
     if dry_run:
         from .models import load_model
 
@@ -577,19 +497,38 @@ def bench_quality_cmd(
 
 
 def main() -> None:
-    """Entry point: run the app; report user errors as one line (tracebacks only with --debug)."""
+    """Entry point: run the app; report errors as one line (tracebacks only with --debug); exit codes as in
+    docs/promises.md. With --json an error is one JSON object on stdout too."""
     try:
         app()
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BzqPartial as e:  # the result (with its failed steps) is already on stdout
+        print(f"bzq: error: {_one_line(str(e))}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except BzqError as e:
         if _debug:
             raise
-        print(f"bzq: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("bzq: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail(_one_line(str(e)), e.exit_code)
     except Exception as e:
         if _debug:
             raise
-        print(f"bzq: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"{type(e).__name__}: {_one_line(str(e))} (run with --debug for the traceback)", 1)
+
+
+def _one_line(message: str) -> str:
+    """The line that says what went wrong; for an error raised in a DataLoader worker, its original message."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if "Original Traceback" in message:
+        last = lines[-1]
+        return last.split("Error: ", 1)[1] if "Error: " in last else last
+    return lines[0]
+
+
+def _fail(message: str, code: int) -> None:
+    if "--json" in sys.argv[1:]:
+        print(json.dumps({"error": message, "exit_code": code}))
+    print(f"bzq: error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,6 +1,8 @@
 """`bzq push` and `load_quantized("hf-hub:...")` against a local stand-in Hub (tests/hub_server.py)."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ def quantized_dir(tmp_path_factory) -> Path:
     from PIL import Image
 
     from brevitas_zeroshot import load_model
-    from brevitas_zeroshot.cli import make_quant_config, run_quantize
+    from brevitas_zeroshot._pipeline import make_quant_config, run_quantize
 
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
@@ -75,13 +77,21 @@ def test_model_card_metadata_parses_with_huggingface_hub(quantized_dir, tmp_path
     assert not [f for f in files if f.suffix == ".safetensors" and f.parent.name == "calibration"]  # no images
     card = ModelCard.load(tmp_path / "stage" / "README.md")
     data = card.data
-    assert data.base_model == "timm/resnet10t.c3_in1k"
-    assert data.base_model_relation == "quantized"
+    assert data.base_model is None and "resnet10t.pth" in card.text  # the user's checkpoint is not timm's weights
+    assert json.loads((tmp_path / "stage" / "quant_config.json").read_text())["checkpoint"] == "resnet10t.pth"
     assert data.pipeline_tag == "image-classification"
     assert {"zero-shot-quantization", "pt2e", "w8a8"} <= set(data.tags)
     result = data.eval_results[0]  # parsed back from model-index by huggingface_hub
     assert result.metric_type == "accuracy" and 0 <= result.metric_value <= 100
     assert "bzq quantize resnet10t" in card.text and 'load_quantized("hf-hub:' + REPO in card.text
+
+    pretrained = tmp_path / "pretrained"  # the same folder as if timm's own weights had been quantized
+    shutil.copytree(quantized_dir, pretrained)
+    meta = json.loads((pretrained / "quant_config.json").read_text())
+    (pretrained / "quant_config.json").write_text(json.dumps({**meta, "checkpoint": None}))
+    stage_upload(pretrained, tmp_path / "stage2", REPO)
+    data = ModelCard.load(tmp_path / "stage2" / "README.md").data
+    assert data.base_model == "timm/resnet10t.c3_in1k" and data.base_model_relation == "quantized"
 
 
 def test_push_and_reload_through_a_local_hub(quantized_dir, tmp_path):
@@ -95,7 +105,7 @@ def test_push_and_reload_through_a_local_hub(quantized_dir, tmp_path):
         assert not [n for n in repo["files"] if n.startswith("calibration/shard-")]  # never the images
         writes = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
         assert writes and all(auth == f"Bearer {TOKEN}" for _, _, auth in writes)
-        assert hub.validated_cards and "base_model_relation: quantized" in hub.validated_cards[0]
+        assert hub.validated_cards and "library_name: brevitas-zeroshot" in hub.validated_cards[0]
         leaked = [n for n, data in repo["files"].items() if TOKEN.encode() in data]
         assert not leaked and TOKEN not in pushed.stdout + pushed.stderr
 

@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import os
+import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,16 +39,30 @@ def open_image_folder(path: str | Path) -> Path:
     cache = cache_dir("folders") / key
     if not (cache / ".complete").exists():
         tmp = cache.with_name(key + f".tmp{os.getpid()}")
-        with tarfile.open(path) as tar:
-            tar.extractall(tmp, filter="data")
+        try:
+            with tarfile.open(path) as tar:
+                members = tar.getmembers()
+                _check_end_marker(path, tar.offset, len(members))
+                tar.extractall(tmp, members=members, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BzqError(
+                f"cannot unpack '{path}': {e}; the archive is damaged or truncated, fetch it again."
+            ) from None
         if cache.exists():
-            import shutil
-
             shutil.rmtree(cache)
         tmp.rename(cache)
         (cache / ".complete").touch()
     entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else cache
+
+
+def _check_end_marker(path: Path, end: int, members: int) -> None:
+    """A tar archive ends with two zero blocks; one cut between two members reads as a shorter, valid archive."""
+    with path.open("rb") as f:
+        f.seek(end)
+        if f.read(1024) != bytes(1024):
+            raise tarfile.ReadError(f"no end-of-archive marker after {members} members")
 
 
 class ImageFolderDataset(Dataset):
@@ -135,6 +150,13 @@ def create_loader(
     num_classes = data_config.get("num_classes")
     if num_classes and dataset.num_classes > num_classes:
         raise BzqError(f"'{root}' has class index {dataset.num_classes - 1}, but the model has {num_classes} classes.")
+    folders = getattr(dataset, "classes", None)  # ImageFolder layout: a label is the folder's sorted position
+    if num_classes and folders is not None and len(folders) != num_classes:
+        raise BzqError(
+            f"'{root}' has {len(folders)} class folders but the model has {num_classes} classes: labels are the "
+            "sorted folder positions, so they would be wrong; add the missing class folders (empty ones count) "
+            "or give a labels.csv (file,class_index)."
+        )
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -1,7 +1,7 @@
 """One verb per step for both backends: ``quantize``, ``save_quantized``, ``load_quantized``."""
 
+import copy
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._errors import BzqError
+from .._files import WRITER, read_own_record, write_atomic
 from .._utils import library_versions
 from ..synth import SyntheticSet
 from ._brevitas import BrevitasConfig, build_quant_model, quantize_brevitas
@@ -46,9 +47,14 @@ def save_quantized(
     report: dict,
     checkpoint: str | Path | None = None,
     export_onnx: bool = True,
+    write_calibration: bool = True,
 ) -> Path:
-    """Write the quantized model, its JSON config, the calibration set's manifest and an export to ``out``."""
-    from ..synth._set import MANIFEST, save_preview
+    """Write the quantized model, its JSON config, the calibration set's manifest and an export to ``out``.
+
+    ``qmodel`` itself is left as it is (the ONNX export works on a copy). An ONNX export that fails is recorded in
+    ``report["failed_steps"]``; one that cannot run (no ``onnx`` installed) in ``report["notes"]``.
+    """
+    from ..synth._set import MANIFEST, save_preview, write_manifest
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,22 +65,24 @@ def save_quantized(
 
         # Brevitas shares scale parameters between quantizers; the file keeps a copy under every name.
         state = {k: v.detach().cpu().clone().contiguous() for k, v in qmodel.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"))
+        write_atomic(out / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
         files["weights"] = "model.safetensors"
         if export_onnx:
             files["onnx"] = _export_onnx(qmodel, example, out / "model.onnx", report)
     else:
-        torch.export.save(export_program(qmodel, example), str(out / "model.pt2"))
+        program = export_program(qmodel, example)
+        write_atomic(out / "model.pt2", lambda tmp: torch.export.save(program, str(tmp)))
         files["program"] = "model.pt2"
     calib_meta = {k: v for k, v in calib.meta.items() if k != "folder"}  # never a path to real data
     calib_dir = out / "calibration"
-    if not (calib_dir / MANIFEST).exists():  # a set synthesised into OUT/calibration already has its own
+    if write_calibration and not (calib_dir / MANIFEST).exists():  # a set synthesised there has its own
         calib_dir.mkdir(exist_ok=True)
-        (calib_dir / MANIFEST).write_text(json.dumps(calib_meta, indent=2))
+        write_manifest(calib_dir, calib_meta)
         if calib_meta.get("source") != "real":
             save_preview(calib.images, calib.meta, calib_dir / "preview.png")
     meta = {
         "format_version": 1,
+        "writer": WRITER,
         "model": model_name,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "quantization": _config_dict(config, report),
@@ -89,35 +97,55 @@ def save_quantized(
         "files": files,
         "versions": library_versions(),
     }
-    tmp = out / (QUANT_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / QUANT_CONFIG)
+    write_atomic(out / QUANT_CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return out
 
 
 def _export_onnx(qmodel: nn.Module, example: torch.Tensor, path: Path, report: dict) -> str | None:
-    """ONNX QCDQ export; a failure is reported, not fatal (the safetensors state is the reference)."""
+    """ONNX QCDQ export of a CPU copy of ``qmodel``; a failure is recorded, not raised (the safetensors state is the
+    reference), and leaves no file."""
     try:
         from brevitas.export import export_onnx_qcdq
-
-        export_onnx_qcdq(qmodel.cpu(), args=example.cpu()[:1], export_path=str(path), opset_version=17, dynamo=False)
+    except ImportError as e:
+        report.setdefault("notes", []).append(
+            f"ONNX export skipped: {e} (pip install 'brevitas-zeroshot[export]', or pass --no-onnx)"
+        )
+        return None
+    try:
+        model = copy.deepcopy(qmodel).cpu()
+        write_atomic(
+            path,
+            lambda tmp: export_onnx_qcdq(
+                model, args=example.cpu()[:1], export_path=str(tmp), opset_version=17, dynamo=False
+            ),
+        )
         return path.name
-    except Exception as e:  # onnx missing, or an operator the exporter does not know
-        report.setdefault("notes", []).append(f"ONNX export failed: {type(e).__name__}: {str(e)[:200]}")
-        if path.exists():
-            path.unlink()
+    except Exception as e:  # an operator the exporter does not know, a full disk...
+        report.setdefault("failed_steps", []).append(f"ONNX export: {type(e).__name__}: {str(e)[:200]}")
         return None
 
 
 def load_quantized(source: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
     """Reload a model written by ``save_quantized`` (a folder, or ``hf-hub:USER/NAME``) with its data config."""
+    folder = _resolve(source)
+    meta = read_own_record(folder / QUANT_CONFIG, ("format_version", "quantization", "files"))
+    if meta is None:
+        raise BzqError(f"'{folder}' is not a quantized model folder ({QUANT_CONFIG} is missing).")
+    try:
+        return _load(folder, meta, device)
+    except BzqError:
+        raise
+    except Exception as e:  # a damaged or truncated file, a config from another version
+        files = ", ".join(str(folder / f) for f in meta.get("files", {}).values() if f)
+        raise BzqError(
+            f"cannot load the quantized model in '{folder}' ({files}, {QUANT_CONFIG}): {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}; rerun `bzq quantize` to rewrite it."
+        ) from e
+
+
+def _load(folder: Path, meta: dict, device) -> tuple[nn.Module, dict]:
     from ..models import load_model
 
-    folder = _resolve(source)
-    try:
-        meta = json.loads((folder / QUANT_CONFIG).read_text())
-    except FileNotFoundError:
-        raise BzqError(f"'{folder}' is not a quantized model folder ({QUANT_CONFIG} is missing).") from None
     q = dict(meta["quantization"])
     backend = q.pop("backend")
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
@@ -154,15 +182,3 @@ def _resolve(source: str | Path) -> Path:
     if not folder.is_dir():
         raise BzqError(f"'{folder}' is not a folder.")
     return folder
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to mix results with a different run: an existing quantized folder is replaced only on request.
-
-    ``calibration/`` is left alone: a synthetic set there is reused when it matches and replaced when it does not.
-    """
-    if (out / QUANT_CONFIG).exists() and not overwrite:
-        raise BzqError(f"'{out}' already holds a quantized model; choose another --out or pass --overwrite.")
-    for name in (QUANT_CONFIG, "model.safetensors", "model.onnx", "model.pt2", "results.json"):
-        if (out / name).exists():
-            (out / name).unlink()

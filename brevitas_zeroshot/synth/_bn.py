@@ -1,12 +1,17 @@
 """BatchNorm statistics: hooks that read each BN layer's input, and the distances to the running statistics."""
 
 import functools
+import logging
 import types
 
 import torch
 from torch import nn
 
-__all__ = ["BNStatistics", "find_bn_layers", "BN_LOSSES"]
+from .._errors import BzqError
+
+__all__ = ["BNStatistics", "check_bn_statistics", "find_bn_layers", "BN_LOSSES"]
+
+_logger = logging.getLogger(__name__)
 
 BN_LOSSES = ("kl", "kl_forward", "l2")
 
@@ -20,6 +25,30 @@ def find_bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if is_bn and getattr(m, "running_mean", None) is not None and getattr(m, "running_var", None) is not None:
             found.append((name, m))
     return found
+
+
+def check_bn_statistics(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse damaged running statistics (negative or non-finite), naming the layer; say which channels have
+    zero variance (dead channels: they carry no distribution to match and are left out of the loss)."""
+    dead = []
+    for name, m in layers:
+        var, mean = m.running_var.detach(), m.running_mean.detach()
+        bad = ~torch.isfinite(var) | ~torch.isfinite(mean) | (var < 0)
+        if bad.any():
+            c = int(bad.nonzero()[0, 0])
+            raise BzqError(
+                f"BatchNorm layer '{name}' has damaged running statistics (channel {c}: mean {float(mean[c]):.4g}, "
+                f"variance {float(var[c]):.4g}; {int(bad.sum())} channel(s) negative or not finite): the checkpoint "
+                "is broken, or the model was not trained; load the right weights, or calibrate with --calib DIR."
+            )
+        if (var == 0).any():
+            dead.append(f"{name} ({int((var == 0).sum())})")
+    if dead:
+        _logger.warning(
+            "BatchNorm channels with zero running variance, left out of the BN loss: %s%s",
+            ", ".join(dead[:5]),
+            f" and {len(dead) - 5} more layers" if len(dead) > 5 else "",
+        )
 
 
 class _Moments(torch.autograd.Function):
@@ -116,7 +145,9 @@ class BNStatistics:
         device = mods[0].running_mean.device
         self.sizes = sizes
         self.run_mean = torch.cat([m.running_mean.detach().float() for m in mods])
-        self.run_var = torch.cat([m.running_var.detach().float() for m in mods]) + eps
+        self.run_var = torch.cat([m.running_var.detach().float() for m in mods])
+        live = self.run_var > 0  # dead (zero-variance) channels have no distribution to match
+        self.run_var = self.run_var + eps
         self.eps = eps
         # Each layer weighs the same whatever its width: channel weight = layer weight / channels / layers.
         layer_w = torch.ones(len(mods), device=device)
@@ -125,7 +156,7 @@ class BNStatistics:
         self.layer_index = torch.repeat_interleave(
             torch.arange(len(mods), device=device), torch.tensor(sizes, device=device)
         )
-        self.channel_weight = (layer_w / torch.tensor(sizes, device=device, dtype=torch.float))[self.layer_index]
+        self.channel_weight = (layer_w / torch.tensor(sizes, device=device, dtype=torch.float))[self.layer_index] * live
 
     def __enter__(self) -> "BNStatistics":
         self._collected = [None] * len(self.layers)

@@ -14,17 +14,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import BzqError
+from .._files import STAGING, refuse_foreign, swap_in
 from .._utils import library_versions, progress, resolve_device
 from ..models import resolve_data_config
-from ._bn import BN_LOSSES, BNStatistics, find_bn_layers
+from ._bn import BN_LOSSES, BNStatistics, check_bn_statistics, find_bn_layers
 from ._set import (
     MANIFEST,
     PREVIEW,
+    SetMismatch,
     SyntheticSet,
     check_compatible,
-    read_manifest,
+    own_manifest,
     read_shard_meta,
     save_preview,
+    set_files,
     set_meta,
     shard_name,
     write_manifest,
@@ -135,6 +138,7 @@ class SyntheticCalibrator:
         data_config: input size, mean and std; defaults to the model's timm data config.
         device: ``cpu``, ``cuda``...; default CUDA when present. On CUDA the forward runs in bf16 autocast with
             the statistics kept in fp32.
+        source: the name recorded in the manifest (default ``gznq``, or ``bn-<loss>`` for another BN loss).
         **settings: any field of :class:`SynthesisConfig` (``num_images``, ``iterations``, ``batch_size``, ``seed``...).
 
     Example::
@@ -149,6 +153,7 @@ class SyntheticCalibrator:
         data_config: dict | None = None,
         device: str | torch.device | None = None,
         config: SynthesisConfig | None = None,
+        source: str | None = None,
         **settings,
     ):
         unknown = set(settings) - {f.name for f in fields(SynthesisConfig)}
@@ -158,7 +163,9 @@ class SyntheticCalibrator:
         self.model = model
         self.data_config = data_config or resolve_data_config(model)
         self.device = resolve_device(device)
+        self.source = source or ("gznq" if self.config.bn_loss == "kl" else f"bn-{self.config.bn_loss}")
         self.bn_layers = find_bn_layers(model)
+        check_bn_statistics(self.bn_layers)
         if not self.bn_layers:
             raise BzqError(
                 f"{type(model).__name__} has no BatchNorm layer with running statistics, so there is nothing to "
@@ -175,9 +182,8 @@ class SyntheticCalibrator:
 
     def manifest(self) -> dict:
         """Everything that identifies the set: model fingerprint, input, full config, versions."""
-        source = "gznq" if self.config.bn_loss == "kl" else f"bn-{self.config.bn_loss}"
         return {
-            **set_meta(source, self.model, self.data_config, self.config.seed),
+            **set_meta(self.source, self.model, self.data_config, self.config.seed),
             "num_classes": self.num_classes,
             "num_images": self.config.num_images,
             "config": asdict(self.config),
@@ -200,25 +206,25 @@ class SyntheticCalibrator:
         rank, world = _distributed()
         if world > 1 and folder is None:
             raise BzqError("generating with several processes needs an output folder (--out).")
+        work = folder
         if folder is not None:
-            done = self._prepare_folder(folder, manifest, overwrite) if rank == 0 else None
+            work, done = self._open_folder(folder, manifest, overwrite) if rank == 0 else (None, None)
             _barrier(world)
             if rank != 0:
-                done = self._prepare_folder(folder, manifest, overwrite=False, write=False)
+                work, done = self._open_folder(folder, manifest, overwrite, write=False)
             if done is not None:
                 return done
         labels = balanced_labels(cfg.num_images, self.num_classes, cfg.seed, cfg.draws)
-        batches = range(-(-cfg.num_images // cfg.batch_size))
+        batches = self._batches()
         mine = [b for b in batches if b % world == rank]
         images, summaries = [], []
-        start_time = time.perf_counter()
         with self._synthesis_mode(), BNStatistics(self.model, cfg.bn_loss, cfg.first_bn_weight) as stats:
             bar = progress(
                 total=len(mine) * cfg.iterations, desc="synthesis", unit="it", disable=not show_progress or rank > 0
             )
             for b in mine:
                 lo, hi = b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_images)
-                path = folder / shard_name(b) if folder is not None else None
+                path = work / shard_name(b) if work is not None else None
                 if path is not None and path.exists():
                     try:
                         read_shard_meta(path)
@@ -226,63 +232,100 @@ class SyntheticCalibrator:
                         continue
                     except BzqError as e:
                         _logger.warning("%s: making it again", e)
+                start = time.perf_counter()
                 x, summary = self._synthesise_batch(b, labels[lo:hi], stats, bar)
+                summary["seconds"] = round(time.perf_counter() - start, 3)
                 if path is not None:
                     write_shard(path, x, labels[lo:hi], summary)
                 else:
                     images.append(x.cpu())
                     summaries.append(summary)
             bar.close()
-        manifest["synthesis_seconds"] = round(time.perf_counter() - start_time, 3)
         if folder is None:
             manifest["batches"] = summaries
             manifest["restarts"] = sum(s["restarts"] for s in summaries)
+            manifest["synthesis_seconds"] = round(sum(s["seconds"] for s in summaries), 3)
             return SyntheticSet(torch.cat(images), labels, manifest)
         _barrier(world)
         if rank == 0:
-            manifest["batches"] = [read_shard_meta(folder / shard_name(b)) for b in batches]
-            manifest["restarts"] = sum(s["restarts"] for s in manifest["batches"])
-            manifest["shards"] = [
-                {
-                    "file": shard_name(b),
-                    "start": b * cfg.batch_size,
-                    "count": min(cfg.batch_size, cfg.num_images - b * cfg.batch_size),
-                }
-                for b in batches
-            ]
-            manifest["complete"] = True
-            result = SyntheticSet.load_unchecked(folder, manifest)
-            save_preview(result.images, manifest, folder / PREVIEW)
-            write_manifest(folder, manifest)
-            for leftover in folder.glob("shard-*.tmp*"):  # from a process killed mid-write
-                leftover.unlink()
+            self._finish_folder(work, folder, manifest)
         _barrier(world)
         return SyntheticSet.load(folder)
 
     # -- internals ----------------------------------------------------------------------------------------------
 
-    def _prepare_folder(self, folder: Path, manifest: dict, overwrite: bool, write: bool = True) -> SyntheticSet | None:
-        """Check ``folder``; a complete matching set is returned, a different one refused (or, with ``overwrite``,
-        removed). With ``write`` (one process only) the folder is created and given an unfinished manifest."""
-        if (folder / MANIFEST).exists():
-            old = read_manifest(folder)
-            same = old.get("fingerprint") == manifest["fingerprint"] and old.get("config") == manifest["config"]
-            if not same and not overwrite:
-                raise BzqError(
-                    f"'{folder}' holds a different synthetic set (model {old.get('model')}, seed {old.get('seed')}); "
-                    "choose another --out, or pass --overwrite to replace it."
-                )
-            if not same:
-                shutil.rmtree(folder)
-            elif old.get("complete"):
+    def _batches(self) -> range:
+        return range(-(-self.config.num_images // self.config.batch_size))
+
+    def _open_folder(
+        self, folder: Path, manifest: dict, overwrite: bool, write: bool = True
+    ) -> tuple[Path, SyntheticSet | None]:
+        """Where to write this set's shards, and the set itself when ``folder`` already holds it complete.
+
+        The same set, unfinished, is resumed in place. A different set bzq wrote is replaced only with
+        ``overwrite``, and only once the new one is complete: it is made in ``folder/.bzq-partial`` (resumable)
+        and swapped in at the end. Files bzq did not write are never replaced. With ``write`` (one process only)
+        folders and the unfinished manifest are written.
+        """
+        old = own_manifest(folder) if folder.is_dir() else None
+        staging = folder / STAGING
+        key = (manifest["fingerprint"], manifest["config"])
+        if old is None:
+            if folder.is_dir():
+                refuse_foreign(folder, [PREVIEW, *map(shard_name, self._batches())], "is not part of a bzq set")
+                if any(p.name != STAGING for p in folder.iterdir()) and not overwrite:
+                    raise BzqError(
+                        f"'{folder}' is not empty and holds no synthetic set; choose an empty or new folder "
+                        "(with --overwrite the set is written beside the files there, which are left alone)."
+                    )
+            work = folder
+        elif (old.get("fingerprint"), old.get("config")) == key:
+            if old.get("complete"):
                 check_compatible(old, folder, self.model, self.data_config)
-                return SyntheticSet.load(folder)
-        elif folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise BzqError(f"'{folder}' is not empty and holds no synthetic set; choose an empty or new folder.")
+                if write and staging.exists():
+                    shutil.rmtree(staging)
+                return folder, SyntheticSet.load(folder)
+            work = folder
+        elif not overwrite:
+            raise SetMismatch(
+                f"'{folder}' holds a different synthetic set (model {old.get('model')}, seed {old.get('seed')}, "
+                f"{old.get('num_images')} images); choose another --out, or pass --overwrite to replace it once the "
+                "new set is complete."
+            )
+        else:
+            work = staging
+            partial = own_manifest(staging) if staging.is_dir() else None
+            if write and staging.exists() and (partial is None or (partial["fingerprint"], partial["config"]) != key):
+                shutil.rmtree(staging)  # an earlier replacement with other settings: all bzq's own
         if write:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_manifest(folder, {**manifest, "complete": False})
-        return None
+            work.mkdir(parents=True, exist_ok=True)
+            if own_manifest(work) is None:
+                write_manifest(work, {**manifest, "complete": False})
+        return work, None
+
+    def _finish_folder(self, work: Path, folder: Path, manifest: dict) -> None:
+        """Write the complete manifest and preview (one process); swap a replacement set in."""
+        cfg = self.config
+        batches = self._batches()
+        manifest["batches"] = [read_shard_meta(work / shard_name(b)) for b in batches]
+        manifest["restarts"] = sum(s["restarts"] for s in manifest["batches"])
+        manifest["synthesis_seconds"] = round(sum(s.get("seconds", 0.0) for s in manifest["batches"]), 3)
+        manifest["shards"] = [
+            {
+                "file": shard_name(b),
+                "start": b * cfg.batch_size,
+                "count": min(cfg.batch_size, cfg.num_images - b * cfg.batch_size),
+            }
+            for b in batches
+        ]
+        manifest["complete"] = True
+        result = SyntheticSet.load_unchecked(work, manifest)
+        save_preview(result.images, manifest, work / PREVIEW)
+        for leftover in work.glob(".shard-*.tmp*"):  # from a process killed mid-write
+            leftover.unlink()
+        write_manifest(work, manifest)
+        if work != folder:
+            swap_in(work, folder, set_files(folder), MANIFEST)
 
     @contextlib.contextmanager
     def _synthesis_mode(self):

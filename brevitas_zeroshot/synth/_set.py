@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +12,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._errors import BzqError
+from .._files import WRITER, read_own_record, refuse_foreign, write_atomic
 
-__all__ = ["SyntheticSet", "model_fingerprint", "MANIFEST"]
+__all__ = ["SetMismatch", "SyntheticSet", "model_fingerprint", "MANIFEST", "own_manifest", "set_files"]
 
 MANIFEST = "manifest.json"
 PREVIEW = "preview.png"
 FORMAT_VERSION = 1
+
+
+class SetMismatch(BzqError):
+    """The folder holds a different synthetic set from the one asked for."""
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -35,6 +39,7 @@ def set_meta(source: str, model: nn.Module, data_config: dict, seed: int) -> dic
     """What identifies any calibration set: where it came from, for which model and input."""
     return {
         "format_version": FORMAT_VERSION,
+        "writer": WRITER,
         "source": source,
         "model": getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
         "fingerprint": model_fingerprint(model),
@@ -51,13 +56,19 @@ def shard_name(index: int) -> str:
 
 def write_shard(path: Path, images: torch.Tensor, labels: torch.Tensor, meta: dict) -> None:
     """Write atomically: a crash leaves either the whole shard or none."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(
-        {"images": images.detach().cpu().contiguous(), "labels": labels.detach().cpu().long().contiguous()},
-        str(tmp),
-        metadata={"meta": json.dumps(meta)},
-    )
-    os.replace(tmp, path)
+    tensors = {"images": images.detach().cpu().contiguous(), "labels": labels.detach().cpu().long().contiguous()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)}))
+
+
+def own_manifest(folder: Path) -> dict | None:
+    """The manifest of the set bzq wrote in ``folder``; None when there is none; refused when it is not bzq's."""
+    return read_own_record(folder / MANIFEST, ("format_version", "fingerprint", "source"))
+
+
+def set_files(folder: Path) -> list[str]:
+    """The names of the files bzq writes in a set folder that are there now."""
+    names = [MANIFEST, PREVIEW, *(p.name for p in folder.glob("shard-*.safetensors"))]
+    return [n for n in names if (folder / n).exists()]
 
 
 def read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -84,18 +95,14 @@ def read_shard_meta(path: Path) -> dict:
 
 
 def read_manifest(folder: Path) -> dict:
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise BzqError(f"'{folder}' holds no synthetic set ({MANIFEST} is missing).") from None
-    except json.JSONDecodeError as e:
-        raise BzqError(f"'{folder / MANIFEST}' is damaged ({e}).") from e
+    manifest = own_manifest(folder)
+    if manifest is None:
+        raise BzqError(f"'{folder}' holds no synthetic set ({MANIFEST} is missing).")
+    return manifest
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
+    write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
 
 
 @dataclass
@@ -132,7 +139,11 @@ class SyntheticSet:
         """Write shards, a JSON manifest and a PNG preview grid to ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if (folder / MANIFEST).exists() and read_manifest(folder).get("fingerprint") != self.meta.get("fingerprint"):
+        old = own_manifest(folder)
+        if old is None:
+            shards = [shard_name(i) for i in range(-(-len(self) // shard_size))]
+            refuse_foreign(folder, [MANIFEST, PREVIEW, *shards], "is not part of a bzq set")
+        elif old.get("fingerprint") != self.meta.get("fingerprint"):
             raise BzqError(f"'{folder}' already holds a different synthetic set; choose another folder.")
         shards = []
         for i, start in enumerate(range(0, len(self), shard_size)):
@@ -209,4 +220,5 @@ def save_preview(images: torch.Tensor, meta: dict, path: Path, n: int = 64) -> N
     grid = (x * std + mean).clamp(0, 1)
     if grid.shape[-1] < 64:  # small (CIFAR) images: enlarge so the grid can be seen
         grid = torch.nn.functional.interpolate(grid, scale_factor=3, mode="nearest")
-    save_image(grid, str(path), nrow=int(len(grid) ** 0.5 + 0.999), padding=2)
+    nrow = int(len(grid) ** 0.5 + 0.999)
+    write_atomic(path, lambda tmp: save_image(grid, str(tmp), nrow=nrow, padding=2, format="png"))

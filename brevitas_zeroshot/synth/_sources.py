@@ -6,6 +6,7 @@ group; a source is a callable ``(model, data_config, num_images, seed, out, devi
 
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -14,10 +15,10 @@ from torch import nn
 
 from .._errors import BzqError
 from ..models import resolve_data_config
-from ._calibrator import SyntheticCalibrator, balanced_labels
+from ._calibrator import SynthesisConfig, SyntheticCalibrator, balanced_labels
 from ._set import MANIFEST, SyntheticSet, set_meta
 
-__all__ = ["create_calibration_set", "list_sources", "register_source", "ZEROQ_SETTINGS"]
+__all__ = ["check_source", "create_calibration_set", "list_sources", "register_source", "ZEROQ_SETTINGS"]
 
 _logger = logging.getLogger(__name__)
 _SOURCES: dict[str, Callable[..., SyntheticSet]] = {}
@@ -77,15 +78,30 @@ def create_calibration_set(
     """
     data_config = data_config or resolve_data_config(model)
     name = str(source)
+    kind = check_source(name)
+    if kind == "registered":
+        return _SOURCES[name](model, data_config, num_images, seed, out, device, **settings)
+    if kind == "set":
+        _ignored("a saved set", {k: v for k, v in settings.items() if k != "overwrite"})
+        return SyntheticSet.load(name, model=model, data_config=data_config)
+    return real_images(model, data_config, num_images, seed, out, device, folder=Path(name), **settings)
+
+
+def check_source(source: str | Path) -> str:
+    """What ``source`` names: ``registered`` (a source name), ``set`` (a saved set) or ``images`` (a real image
+    folder or archive); an unknown name or a missing path is refused before any work."""
+    name = str(source)
     _load_entry_points()
     if name in _SOURCES:
-        return _SOURCES[name](model, data_config, num_images, seed, out, device, **settings)
+        return "registered"
     path = Path(name)
     if path.is_dir() and (path / MANIFEST).exists():
-        return SyntheticSet.load(path, model=model, data_config=data_config)
+        return "set"
     if path.exists():
-        return real_images(model, data_config, num_images, seed, out, device, folder=path)
-    raise BzqError(f"unknown calibration source '{name}': use one of {', '.join(list_sources())}, or a folder.")
+        return "images"
+    raise BzqError(
+        f"unknown calibration source '{name}': not a folder or file, nor one of {', '.join(list_sources())}."
+    )
 
 
 @register_source("gznq")
@@ -100,27 +116,38 @@ def gznq(model, data_config, num_images, seed, out, device, **settings) -> Synth
 def zeroq(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
     """Baseline: ZeroQ-style square loss on BN statistics over plain pixels."""
     overwrite = settings.pop("overwrite", False)
+    _ignored("zeroq", {k: v for k, v in settings.items() if k in ZEROQ_SETTINGS})
     calib = SyntheticCalibrator(
-        model, data_config, device, num_images=num_images, seed=seed, **{**settings, **ZEROQ_SETTINGS}
+        model, data_config, device, source="zeroq", num_images=num_images, seed=seed, **{**settings, **ZEROQ_SETTINGS}
     )
-    result = calib.generate(out, overwrite=overwrite)
-    result.meta["source"] = "zeroq"
-    return result
+    return calib.generate(out, overwrite=overwrite)
 
 
 @register_source("gaussian")
 def gaussian(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
     """Baseline: N(0, 1) noise in the normalised input space."""
+    _ignored("gaussian", settings)
     g = torch.Generator().manual_seed(seed)
     images = torch.randn((num_images, *data_config["input_size"]), generator=g)
     labels = balanced_labels(num_images, data_config.get("num_classes") or 1, seed)
     return _finish(SyntheticSet(images, labels, set_meta("gaussian", model, data_config, seed)), out)
 
 
-def real_images(model, data_config, num_images, seed, out, device, folder: Path) -> SyntheticSet:
+def _ignored(source: str, settings: dict) -> None:
+    """Say which synthesis settings a source does not use, when they differ from the defaults."""
+    defaults = asdict(SynthesisConfig())
+    changed = sorted(k for k, v in settings.items() if k in defaults and v != defaults[k] and k != "overwrite")
+    fixed = ZEROQ_SETTINGS if source == "zeroq" else {}
+    changed = [k for k in changed if fixed.get(k) != settings[k]]
+    if changed:
+        _logger.warning("calibration source '%s' ignores the synthesis setting(s): %s", source, ", ".join(changed))
+
+
+def real_images(model, data_config, num_images, seed, out, device, folder: Path, **settings) -> SyntheticSet:
     """Baseline: ``num_images`` real images drawn (seeded) from a labelled folder, with the model's eval transform."""
     from ..data import ImageFolderDataset, create_eval_transform
 
+    _ignored("real images", {k: v for k, v in settings.items() if k != "overwrite"})
     dataset = ImageFolderDataset(folder, create_eval_transform(data_config))
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g)[:num_images].sort().values
