@@ -9,36 +9,69 @@ import contextlib
 import json
 import shutil
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ._errors import BzqError
 from ._files import STAGING, read_own_record, refuse_foreign, swap_in, write_atomic
 from .quant._api import QUANT_CONFIG
+from .synth import SynthesisConfig
 
-__all__ = ["OUTPUT_FILES", "RESULTS", "check_output", "make_quant_config", "run_quantize"]
+__all__ = ["OUTPUT_FILES", "RESULTS", "SYNTHESIS_KEYS", "PipelineConfig", "check_output", "run_pipeline"]
 
 RESULTS = "results.json"
 OUTPUT_FILES = ("model.safetensors", "model.onnx", "model.pt2", RESULTS)  # beside quant_config.json and calibration/
 _SYNTHESISED = ("gznq", "zeroq")  # sources that stream a resumable set into a folder
 
 
-def make_quant_config(o: dict):
-    """The backend config named by ``bzq quantize`` options (raises on impossible settings, before any work)."""
-    from .quant import BrevitasConfig, PT2EConfig
+@dataclass
+class PipelineConfig:
+    """Everything `bzq quantize` does, as one value; a recipe is a saved instance (flat YAML of these fields, with
+    ``synthesis`` settings as top-level keys named as in :class:`SynthesisConfig`)."""
 
-    if o["backend"] == "brevitas":
-        return BrevitasConfig(
-            w_bits=o["w_bits"],
-            a_bits=o["a_bits"],
-            first_last_bits=o["first_last_bits"] or None,
-            gptq=o["gptq"],
-            gpfq=o["gpfq"],
-            bias_correction=o["bias_correction"],
-            graph=o["graph"],
-        )
-    if o["backend"] == "pt2e":
-        return PT2EConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], target=o["target"])
-    raise BzqError(f"unknown backend '{o['backend']}': use brevitas or pt2e.")
+    model: str
+    out: Path
+    backend: str = "brevitas"
+    w_bits: int = 8
+    a_bits: int = 8
+    calib: str = "gznq"
+    checkpoint: Path | None = None
+    images: int = 128
+    seed: int = 0
+    eval_data: Path | None = None
+    eval_limit: int | None = None
+    first_last_bits: int = 8  # brevitas; 0: as the rest
+    gptq: bool | None = None  # brevitas; None: on below 8 bits
+    gpfq: bool = False
+    bias_correction: bool = True
+    graph: str = "auto"
+    reconstruct: bool | None = None  # brevitas: block reconstruction; None: on below 8-bit activations
+    reconstruct_iters: int = 300
+    target: str = "x86"  # pt2e
+    onnx: bool = True  # brevitas: ONNX QCDQ export
+    overwrite: bool = False
+    device: str = "auto"
+    synthesis: dict = field(default_factory=dict)  # SynthesisConfig fields for gznq/zeroq (iterations, lr...)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        unknown = set(self.synthesis) - SYNTHESIS_KEYS
+        if unknown:
+            raise BzqError(f"unknown synthesis setting(s): {', '.join(sorted(unknown))}.")
+        SynthesisConfig(**self.synthesis)  # impossible settings fail here, before any work
+        self.quant_config()
+
+    def quant_config(self):
+        """The backend's config (``BrevitasConfig``, ``PT2EConfig``...), from the fields that backend takes."""
+        from .quant._registry import create_quant_config
+
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "backend"}
+        options["first_last_bits"] = self.first_last_bits or None
+        return create_quant_config(self.backend, strict=False, **options)
+
+
+# Synthesis settings a pipeline (and a recipe) may set: every SynthesisConfig field but those the pipeline names.
+SYNTHESIS_KEYS = {f.name for f in fields(SynthesisConfig)} - {"num_images", "seed"}
 
 
 def check_output(out: Path, overwrite: bool) -> dict | None:
@@ -65,13 +98,13 @@ def _calibration(calib: str, net, data_config, out: Path, overwrite: bool, **kwa
 
     A set there is reused when it is the one this run asks for, replaced (at the end) only with ``overwrite``.
     """
-    from .synth._set import SetMismatch, SyntheticSet, own_manifest
+    from .synth._set import CalibrationSet, SetMismatch, own_manifest
     from .synth._sources import check_source, create_calibration_set
 
     final, staged = out / "calibration", out / STAGING / "calibration"
     kind = check_source(calib)
     if kind == "set" and Path(calib).resolve() == final.resolve():
-        return SyntheticSet.load(final, model=net, data_config=data_config), True
+        return CalibrationSet.load(final, model=net, data_config=data_config), True
     existing = own_manifest(final) if final.is_dir() else None
     if calib in _SYNTHESISED and existing is not None:
         try:  # the same set: reused, or resumed, in place
@@ -88,39 +121,27 @@ def _calibration(calib: str, net, data_config, out: Path, overwrite: bool, **kwa
     return create_calibration_set(calib, net, data_config, **kwargs), False
 
 
-def run_quantize(
-    model: str,
-    config,
-    calib: str,
-    out: Path,
-    *,
-    checkpoint: Path | None = None,
-    images: int = 128,
-    seed: int = 0,
-    eval_data: Path | None = None,
-    eval_limit: int | None = None,
-    device: str = "auto",
-    export_onnx: bool = True,
-    overwrite: bool = False,
-    command: str | None = None,
-    **synthesis,
-) -> dict:
-    """Quantize ``model`` into ``out`` (see the module docstring); returns what results.json holds."""
+def run_pipeline(config: PipelineConfig, command: str | None = None) -> dict:
+    """Quantize ``config.model`` into ``config.out`` (see the module docstring); returns what results.json holds.
+
+    ``command`` (the exact command line or recipe) is recorded in results.json and the model card.
+    """
     from ._evaluate import evaluate
     from ._utils import resolve_device
     from .data import create_loader
     from .models import load_model
-    from .quant import PT2EConfig, save_quantized
     from .quant import quantize as quantize_model
+    from .quant import save_quantized
     from .synth._sources import check_source
 
-    out = Path(out)
-    old = check_output(out, overwrite)
-    check_source(calib)
-    dev = resolve_device(device)
-    net, data_config = load_model(model, checkpoint=checkpoint)
+    c, out = config, config.out
+    quant_config = c.quant_config()
+    old = check_output(out, c.overwrite)
+    check_source(c.calib)
+    dev = resolve_device(c.device)
+    net, data_config = load_model(c.model, checkpoint=c.checkpoint)
     net.to(dev)
-    loader = create_loader(eval_data, data_config, limit=eval_limit) if eval_data is not None else None
+    loader = create_loader(c.eval_data, data_config, limit=c.eval_limit) if c.eval_data is not None else None
     staging = out / STAGING
     if staging.is_dir():  # a previous run's leftovers: keep only its resumable synthesis
         for entry in staging.iterdir():
@@ -130,28 +151,28 @@ def run_quantize(
         staging.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         calib_set, in_place = _calibration(
-            calib, net, data_config, out, overwrite, num_images=images, seed=seed, device=dev, **synthesis
+            c.calib, net, data_config, out, c.overwrite, num_images=c.images, seed=c.seed, device=dev, **c.synthesis
         )
         t1 = time.perf_counter()
-        qmodel, report = quantize_model(net, calib_set, config)
+        qmodel, report = quantize_model(net, calib_set, quant_config)
         t2 = time.perf_counter()
         save_quantized(
             qmodel,
             staging,
-            model_name=model,
-            config=config,
+            model_name=c.model,
+            config=quant_config,
             data_config=data_config,
             calib=calib_set,
             report=report,
-            checkpoint=checkpoint,
-            export_onnx=export_onnx,
+            checkpoint=c.checkpoint,
+            export_onnx=c.onnx,
             write_calibration=not in_place,
         )
         result = {
-            "model": model,
-            "backend": "pt2e" if isinstance(config, PT2EConfig) else "brevitas",
-            "w_bits": config.w_bits,
-            "a_bits": config.a_bits,
+            "model": c.model,
+            "backend": c.backend,
+            "w_bits": c.w_bits,
+            "a_bits": c.a_bits,
             "calibration": {
                 "source": calib_set.meta.get("source"),
                 "images": len(calib_set),
@@ -163,7 +184,7 @@ def run_quantize(
             "failed_steps": list(report.pop("failed_steps", [])),
         }
         if loader is not None:
-            result["eval_data"] = str(eval_data)
+            result["eval_data"] = str(c.eval_data)
             try:
                 result["float"] = evaluate(net, loader, device=dev)
                 result["quantized"] = evaluate(qmodel, loader, reference=net, device=dev)

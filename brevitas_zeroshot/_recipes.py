@@ -1,10 +1,10 @@
-"""Recipes: flat YAML files whose keys are `bzq quantize` options, plus what we measured with them.
+"""Recipes: saved PipelineConfigs as flat YAML (the `bzq quantize` options), plus what we measured with them.
 
 Looked up in ``$BZQ_RECIPES``, the ``recipes/`` folder of a source checkout, and the copy installed with the
 package (``<prefix>/share/brevitas_zeroshot/recipes``). Everything is validated before any work starts.
 """
 
-import inspect
+import dataclasses
 import os
 import sys
 import types
@@ -24,7 +24,6 @@ RECIPE_INFO_KEYS: dict[str, type] = {
     "expected_top1": float,
     "expected_on": str,
 }
-_NOT_IN_RECIPES = {"as_json"}  # run-time choices, not part of a recipe
 
 
 def recipe_dirs() -> list[Path]:
@@ -57,24 +56,19 @@ def find_recipe(name: str | Path) -> Path:
     raise BzqError(f"no recipe '{name}' (known: {known}).")
 
 
-def _option_types(command) -> dict[str, tuple[type, bool, object]]:
-    """name -> (base type, None allowed, default) for each parameter of the ``bzq quantize`` command."""
-    options = {}
-    for name, param in inspect.signature(command).parameters.items():
-        if name in _NOT_IN_RECIPES:
-            continue
-        hint = param.annotation
-        if typing.get_origin(hint) is typing.Annotated:
-            hint = typing.get_args(hint)[0]
-        args = (
-            typing.get_args(hint)
-            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-            else ()
-        )
-        base = next((a for a in args if a is not type(None)), hint)
-        default = None if param.default is inspect.Parameter.empty else param.default
-        options[name] = (base, type(None) in args, default)
-    return options
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """key -> (base type, None allowed) for every recipe key: PipelineConfig fields and synthesis settings."""
+    from ._pipeline import SYNTHESIS_KEYS, PipelineConfig
+    from .synth import SynthesisConfig
+
+    hints = {**typing.get_type_hints(SynthesisConfig), **typing.get_type_hints(PipelineConfig)}
+    keys = [f.name for f in dataclasses.fields(PipelineConfig) if f.name != "synthesis"] + sorted(SYNTHESIS_KEYS)
+    types_ = {}
+    for key in keys:
+        hint = hints[key]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
+        types_[key] = (next((a for a in args if a is not type(None)), hint), type(None) in args)
+    return types_
 
 
 def _check_type(key: str, value, base: type, nullable: bool, where: str):
@@ -106,11 +100,10 @@ def _lines(text: str, path: Path) -> dict[str, int]:
     return lines
 
 
-def load_recipe(path: str | Path, command, overrides: list[str] = ()) -> tuple[dict, dict]:
-    """Read and validate a recipe for ``command`` (the ``bzq quantize`` function), with ``key=value`` overrides.
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple["PipelineConfig", dict]:  # noqa: F821
+    """Read and validate a recipe, with ``key=value`` overrides: the PipelineConfig it is, and its information keys."""
+    from ._pipeline import SYNTHESIS_KEYS, PipelineConfig
 
-    Returns (the full option dict for the command, the recipe's information keys).
-    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -125,7 +118,7 @@ def load_recipe(path: str | Path, command, overrides: list[str] = ()) -> tuple[d
         raise BzqError(f"{where}: not valid YAML ({problem}).") from None
     if not isinstance(data, dict):
         raise BzqError(f"{path}: a recipe is a flat YAML mapping of `bzq quantize` options.")
-    options = _option_types(command)
+    options = _field_types()
     info, chosen, wheres = {}, {}, {}
     items = [(k, v, f"{path}:{lines.get(k, '?')}") for k, v in data.items()]
     for item in overrides:
@@ -139,7 +132,7 @@ def load_recipe(path: str | Path, command, overrides: list[str] = ()) -> tuple[d
         if key in RECIPE_INFO_KEYS:
             info[key] = _check_type(key, value, RECIPE_INFO_KEYS[key], True, where)
         elif key in options:
-            base, nullable, _ = options[key]
+            base, nullable = options[key]
             chosen[key] = _check_type(key, value, base, nullable, where)
         else:
             near = [k for k in options if k.split("_")[0] == key.split("_")[0] or k.startswith(key[:3])]
@@ -147,19 +140,13 @@ def load_recipe(path: str | Path, command, overrides: list[str] = ()) -> tuple[d
             raise BzqError(f"{where}: unknown key '{key}'{hint}; recipes take `bzq quantize` options.")
     if "model" not in chosen:
         raise BzqError(f"{path}: the recipe names no 'model'.")
-    full = {name: default for name, (_, _, default) in options.items()}
-    full.update(chosen)
-    full.setdefault("as_json", False)
-    if full.get("out") is None:
-        full["out"] = Path(path.stem)
-    from ._pipeline import make_quant_config
-
+    synthesis = {k: chosen.pop(k) for k in list(chosen) if k in SYNTHESIS_KEYS}
+    chosen.setdefault("out", Path(path.stem))
     try:
-        make_quant_config(full)
+        return PipelineConfig(**chosen, synthesis=synthesis), info
     except BzqError as e:
-        keys = ("w_bits", "a_bits", "first_last_bits", "backend", "target", "graph")
+        keys = ("w_bits", "a_bits", "first_last_bits", "backend", "target", "graph", *synthesis)
         key = next((k for k in keys if str(e).startswith(k) and k in wheres), None)
         key = key or next((k for k in keys if wheres.get(k, "").startswith("--set")), None)
         key = key or next((k for k in keys if k in wheres), None)
         raise BzqError(f"{wheres[key]}: {e}" if key else f"{path}: {e}") from None
-    return full, info

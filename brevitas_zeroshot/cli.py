@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ._errors import BzqError, BzqInterrupted, BzqPartial
+from .synth._synthesiser import SynthesisConfig
 
 app = typer.Typer(
     name="bzq",
@@ -32,6 +33,34 @@ CheckpointOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when present).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+
+# Synthesis options, declared once for `generate` and `quantize` (defaults: SynthesisConfig's).
+_SYN = SynthesisConfig()
+IterationsOpt = Annotated[int, typer.Option("--iterations", min=0, help="Synthesis steps per batch.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images whose statistics are matched together.")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+InitOpt = Annotated[str, typer.Option("--init", help="diverse (per-image colour/contrast/structure) or noise.")]
+LossOpt = Annotated[str, typer.Option("--loss", help="BN loss: kl (GZNQ), kl_forward, or l2 (ZeroQ square loss).")]
+ParamOpt = Annotated[
+    str, typer.Option("--param", help="distribution (learned per-pixel Gaussian) or pixel (plain pixels).")
+]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate of the synthesis.")]
+DrawsOpt = Annotated[int, typer.Option("--draws", min=1, help="Images drawn from each learned distribution.")]
+BlurOpt = Annotated[float, typer.Option("--blur", min=0.0, help="Gaussian low-pass sigma in pixels (0: off).")]
+
+
+def _synthesis(o: dict) -> dict:
+    """SynthesisConfig fields from the synthesis options (their flag names are shorter)."""
+    return {
+        "iterations": o["iterations"],
+        "batch_size": o["batch_size"],
+        "init": o["init"],
+        "bn_loss": o["loss"],
+        "parameterization": o["param"],
+        "lr": o["lr"],
+        "draws": o["draws"],
+        "blur_sigma": o["blur"],
+    }
 
 
 @app.callback()
@@ -156,23 +185,15 @@ def generate(
     out: Annotated[Path, typer.Option("--out", help="Folder for the set (shards, manifest.json, preview.png).")],
     checkpoint: CheckpointOpt = None,
     images: Annotated[int, typer.Option("--images", min=1, help="Number of images.")] = 256,
-    iterations: Annotated[int, typer.Option("--iterations", min=0, help="Optimisation steps per batch.")] = 200,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Images whose statistics are matched together.")
-    ] = 128,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    init: Annotated[str, typer.Option("--init", help="diverse (per-image colour/contrast/structure) or noise.")] = (
-        "diverse"
-    ),
-    loss: Annotated[
-        str, typer.Option("--loss", help="BN loss: kl (GZNQ), kl_forward, or l2 (ZeroQ square loss).")
-    ] = "kl",
-    param: Annotated[
-        str, typer.Option("--param", help="distribution (learned per-pixel Gaussian) or pixel (plain pixels).")
-    ] = "distribution",
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 0.1,
-    draws: Annotated[int, typer.Option("--draws", min=1, help="Images drawn from each learned distribution.")] = 1,
-    blur: Annotated[float, typer.Option("--blur", min=0.0, help="Gaussian low-pass sigma in pixels (0: off).")] = 0.0,
+    iterations: IterationsOpt = _SYN.iterations,
+    batch_size: BatchSizeOpt = _SYN.batch_size,
+    seed: SeedOpt = 0,
+    init: InitOpt = _SYN.init,
+    loss: LossOpt = _SYN.bn_loss,
+    param: ParamOpt = _SYN.parameterization,
+    lr: LrOpt = _SYN.lr,
+    draws: DrawsOpt = _SYN.draws,
+    blur: BlurOpt = _SYN.blur_sigma,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different set already in --out.")] = False,
     nproc: Annotated[
         int, typer.Option("--nproc", min=1, help="Processes on this machine (launches torchrun; batches split).")
@@ -187,7 +208,7 @@ def generate(
     """
     from ._files import STAGING
     from .models import load_model
-    from .synth import SyntheticCalibrator
+    from .synth import Synthesiser
     from .synth._set import read_manifest
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -198,21 +219,7 @@ def generate(
     net, data_config = load_model(model, checkpoint=checkpoint)
     if rank >= 0 and device in ("auto", "cuda") and _cuda():
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    calib = SyntheticCalibrator(
-        net,
-        data_config,
-        device,
-        num_images=images,
-        iterations=iterations,
-        batch_size=batch_size,
-        seed=seed,
-        bn_loss=loss,
-        init=init,
-        parameterization=param,
-        lr=lr,
-        draws=draws,
-        blur_sigma=blur,
-    )
+    calib = Synthesiser(net, data_config, device, num_images=images, seed=seed, **_synthesis(locals()))
     try:
         result = calib.generate(out, overwrite=overwrite)
     except KeyboardInterrupt:
@@ -248,11 +255,15 @@ def quantize(
     ] = "gznq",
     checkpoint: CheckpointOpt = None,
     images: Annotated[int, typer.Option("--images", min=1, help="Calibration images.")] = 128,
-    iterations: Annotated[int, typer.Option("--iterations", min=0, help="Synthesis steps per batch.")] = 200,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Synthesis batch (statistics matched over it).")
-    ] = 128,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    iterations: IterationsOpt = _SYN.iterations,
+    batch_size: BatchSizeOpt = _SYN.batch_size,
+    seed: SeedOpt = 0,
+    init: InitOpt = _SYN.init,
+    loss: LossOpt = _SYN.bn_loss,
+    param: ParamOpt = _SYN.parameterization,
+    lr: LrOpt = _SYN.lr,
+    draws: DrawsOpt = _SYN.draws,
+    blur: BlurOpt = _SYN.blur_sigma,
     eval_data: Annotated[
         Path | None, typer.Option("--eval-data", help="Real labelled images to evaluate float and quantized models.")
     ] = None,
@@ -266,6 +277,16 @@ def quantize(
     gpfq: Annotated[bool, typer.Option("--gpfq", help="GPFQ instead of GPTQ (brevitas).")] = False,
     bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction")] = True,
     graph: Annotated[str, typer.Option("--graph", help="brevitas: auto, fx or layerwise.")] = "auto",
+    reconstruct: Annotated[
+        bool | None,
+        typer.Option(
+            "--reconstruct/--no-reconstruct",
+            help="brevitas: block reconstruction, learned rounding + step sizes (default: on below 8-bit activations).",
+        ),
+    ] = None,
+    reconstruct_iters: Annotated[
+        int, typer.Option("--reconstruct-iters", min=1, help="brevitas: reconstruction steps per block.")
+    ] = 300,
     target: Annotated[str, typer.Option("--target", help="pt2e: x86 (Inductor) or xnnpack (ExecuTorch).")] = "x86",
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export ONNX QCDQ (brevitas).")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a quantized model already in --out.")] = False,
@@ -276,45 +297,35 @@ def quantize(
 
     Everything is checked before any work; the new result replaces what is in --out only once it is complete.
     """
-    _quantize(dict(locals()), "bzq " + shlex.join(sys.argv[1:]))
+    from ._pipeline import PipelineConfig
+
+    o = dict(locals())
+    config = PipelineConfig(
+        **{k: v for k, v in o.items() if k in PipelineConfig.__dataclass_fields__}, synthesis=_synthesis(o)
+    )
+    _quantize(config, as_json, "bzq " + shlex.join(sys.argv[1:]))
 
 
-def _quantize(o: dict, command: str) -> None:
+def _quantize(config, as_json: bool, command: str) -> None:
+    """Run the pipeline; print its result (one JSON object with --json); exit 3 when an optional step failed."""
     from ._files import STAGING
-    from ._pipeline import make_quant_config, run_quantize
+    from ._pipeline import run_pipeline
 
-    config = make_quant_config(o)
     try:
-        result = run_quantize(
-            o["model"],
-            config,
-            o["calib"],
-            o["out"],
-            checkpoint=o["checkpoint"],
-            images=o["images"],
-            seed=o["seed"],
-            eval_data=o["eval_data"],
-            eval_limit=o["eval_limit"],
-            device=o["device"],
-            export_onnx=o["onnx"],
-            iterations=o["iterations"],
-            batch_size=o["batch_size"],
-            overwrite=o["overwrite"],
-            command=command,
-        )
+        result = run_pipeline(config, command)
     except KeyboardInterrupt:
-        kept = len(list((o["out"] / STAGING).rglob("shard-*.safetensors")))
+        kept = len(list((config.out / STAGING).rglob("shard-*.safetensors")))
         raise BzqInterrupted(
-            f"interrupted: '{o['out']}' is unchanged; {kept} finished synthesis batches are kept in "
-            f"'{o['out'] / STAGING}'; rerun the same command to resume."
+            f"interrupted: '{config.out}' is unchanged; {kept} finished synthesis batches are kept in "
+            f"'{config.out / STAGING}'; rerun the same command to resume."
         ) from None
-    if o["as_json"]:
+    if as_json:
         print(json.dumps(result))
     else:
         c = result["calibration"]
         print(
-            f"{o['model']} {o['backend']} W{o['w_bits']}A{o['a_bits']}, calibrated on {c['source']} "
-            f"({c['images']} images, seed {c['seed']}) -> {o['out']}"
+            f"{config.model} {config.backend} W{config.w_bits}A{config.a_bits}, calibrated on {c['source']} "
+            f"({c['images']} images, seed {c['seed']}) -> {config.out}"
         )
         for key in ("float", "quantized"):
             if key in result:
@@ -325,7 +336,7 @@ def _quantize(o: dict, command: str) -> None:
             print(f"  note: {note}")
     if result["failed_steps"]:
         raise BzqPartial(
-            f"{'; '.join(result['failed_steps'])} (the model and results.json were written to '{o['out']}')"
+            f"{'; '.join(result['failed_steps'])} (the model and results.json were written to '{config.out}')"
         )
 
 
@@ -360,13 +371,13 @@ def recipe_list(as_json: JsonOpt = False) -> None:
 
     rows = []
     for path in list_recipes():
-        options, info = load_recipe(path, quantize)
+        config, info = load_recipe(path)
         rows.append(
             {
                 "name": path.stem,
-                "model": options["model"],
-                "scheme": f"{options['backend']} W{options['w_bits']}A{options['a_bits']}",
-                "calib": options["calib"],
+                "model": config.model,
+                "scheme": f"{config.backend} W{config.w_bits}A{config.a_bits}",
+                "calib": config.calib,
                 "expected_top1": info.get("expected_top1"),
                 "expected_float_top1": info.get("expected_float_top1"),
                 "file": str(path),
@@ -400,20 +411,20 @@ def recipe_run(
 
     path = find_recipe(recipe)
     overrides = list(set_ or []) + ([f"out={out}"] if out is not None else [])
-    options, info = load_recipe(path, quantize, overrides)
+    config, info = load_recipe(path, overrides)
     named = str(path) if Path(recipe).is_file() else path.stem  # as given: a file path, or a listed name
     command = "bzq recipe run " + shlex.join([named, *sum((["--set", s] for s in overrides), [])])
     if dry_run:
         from .models import load_model
 
-        net, data_config = load_model(options["model"], pretrained=False)
+        net, data_config = load_model(config.model, pretrained=False)
         params = sum(p.numel() for p in net.parameters())
         print(
-            f"{path.stem}: valid; {options['model']} builds ({params / 1e6:.2f} M parameters, input "
+            f"{path.stem}: valid; {config.model} builds ({params / 1e6:.2f} M parameters, input "
             f"{tuple(data_config['input_size'])}); would run: {command}"
         )
         return
-    _quantize(options, command)
+    _quantize(config, False, command)
     if info.get("expected_top1") is not None:
         print(f"  recipe expects top-1 {info['expected_top1']:.2f} on {info.get('expected_on', '?')}")
 

@@ -59,3 +59,16 @@ def resnet20(resnet20_weights):
     from brevitas_zeroshot import load_model
 
     return load_model("cifar_resnet20", checkpoint=resnet20_weights)
+
+
+def random_r20():
+    """cifar_resnet20 without pretrained weights but with non-trivial BN statistics (for tests that need no data)."""
+    from brevitas_zeroshot import load_model
+
+    model, cfg = load_model("cifar_resnet20", pretrained=False)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model, cfg

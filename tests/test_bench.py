@@ -21,7 +21,8 @@ def test_specs_are_parsed_and_checked():
     assert (config.w_bits, config.a_bits, config.first_last_bits, config.gptq) == (4, 4, None, False)
     for bad, message in [
         ("gznq[bn_loss]", "is not key=value"),
-        ("tflite-w8a8", "unknown scheme"),
+        ("tflite-w8a8", "unknown backend 'tflite'"),
+        ("brevitas-w8", "unknown scheme"),
         ("brevitas-w4a4[colour=red]", "colour"),
         ("pt2e-w4a4", "8-bit only"),
     ]:

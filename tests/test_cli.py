@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from brevitas_zeroshot.synth import SyntheticSet
+from brevitas_zeroshot.synth import CalibrationSet
 
 BZQ = [sys.executable, "-m", "brevitas_zeroshot"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -181,4 +181,4 @@ def test_quantize_resumes_its_synthesis_and_overwrite_replaces_a_different_one(r
     other = quantize_r20(resnet20_weights, out, *tiny, "--images", "16", "--overwrite")
     assert other.returncode == 0, other.stderr
     assert len(list((out / "calibration").glob("shard-*.safetensors"))) == 2
-    assert len(SyntheticSet.load(out / "calibration")) == 16  # still a complete, reusable set
+    assert len(CalibrationSet.load(out / "calibration")) == 16  # still a complete, reusable set

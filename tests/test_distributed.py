@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from brevitas_zeroshot.synth import SyntheticSet
+from brevitas_zeroshot.synth import CalibrationSet
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -38,11 +38,11 @@ def generate(weights, out, *extra, wait=True):
 def test_two_gloo_ranks_make_the_single_process_set_and_resume_after_a_kill(resnet20_weights, tmp_path):
     single = generate(resnet20_weights, tmp_path / "single")
     assert single.returncode == 0, single.stderr
-    reference = SyntheticSet.load(tmp_path / "single")
+    reference = CalibrationSet.load(tmp_path / "single")
 
     two = generate(resnet20_weights, tmp_path / "two", "--nproc", "2")
     assert two.returncode == 0, two.stderr
-    got = SyntheticSet.load(tmp_path / "two")
+    got = CalibrationSet.load(tmp_path / "two")
     assert torch.equal(got.images, reference.images) and torch.equal(got.labels, reference.labels)
 
     proc = generate(resnet20_weights, tmp_path / "killed", "--nproc", "2", wait=False)
@@ -56,7 +56,7 @@ def test_two_gloo_ranks_make_the_single_process_set_and_resume_after_a_kill(resn
     stamps = {name: (tmp_path / "killed" / name).stat().st_mtime_ns for name in kept}
     rerun = generate(resnet20_weights, tmp_path / "killed", "--nproc", "2")
     assert rerun.returncode == 0, rerun.stderr
-    resumed = SyntheticSet.load(tmp_path / "killed")
+    resumed = CalibrationSet.load(tmp_path / "killed")
     assert torch.equal(resumed.images, reference.images) and torch.equal(resumed.labels, reference.labels)
     assert not list((tmp_path / "killed").glob("*.tmp*"))
     assert all((tmp_path / "killed" / name).stat().st_mtime_ns == t for name, t in stamps.items())  # not redone

@@ -21,7 +21,7 @@ def quantized_dir(tmp_path_factory) -> Path:
     from PIL import Image
 
     from brevitas_zeroshot import load_model
-    from brevitas_zeroshot._pipeline import make_quant_config, run_quantize
+    from brevitas_zeroshot._pipeline import PipelineConfig, run_pipeline
 
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
@@ -34,22 +34,19 @@ def quantized_dir(tmp_path_factory) -> Path:
         Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(images / f"{i}.png")
         rows.append(f"{i}.png,{i}")
     (images / "labels.csv").write_text("\n".join(rows) + "\n")
-    options = dict(backend="pt2e", w_bits=8, a_bits=8, target="x86", first_last_bits=8, gptq=None, gpfq=False)
-    options.update(bias_correction=True, graph="auto")
     out = root / "out"
-    run_quantize(
-        "resnet10t",
-        make_quant_config(options),
-        "gznq",
-        out,
+    config = PipelineConfig(
+        model="resnet10t",
+        out=out,
+        backend="pt2e",
+        calib="gznq",
         checkpoint=root / "resnet10t.pth",
         images=4,
-        iterations=2,
-        batch_size=4,
         eval_data=images,
         device="cpu",
-        command="bzq quantize resnet10t --backend pt2e --calib gznq --images 4",
+        synthesis={"iterations": 2, "batch_size": 4},
     )
+    run_pipeline(config, command="bzq quantize resnet10t --backend pt2e --calib gznq --images 4")
     return out
 
 

@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import random_r20
 from torch import nn
 
 from brevitas_zeroshot import BzqError, create_loader, evaluate, load_model
@@ -183,3 +186,92 @@ def test_efficientnet_lite0_brevitas_w8a8_keeps_its_predictions(imagenet_sample)
     assert report["graph"] == "fx"
     loader = create_loader(imagenet_sample, cfg, batch_size=50, workers=0, limit=50)
     assert evaluate(qmodel, loader, reference=model)["agreement"] >= 90.0
+
+
+def test_quantize_takes_any_calibration_data():
+    from torch.utils.data import DataLoader, Subset, SubsetRandomSampler
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    sampled = DataLoader(calib, batch_size=4, sampler=SubsetRandomSampler(range(8)))
+    assert sum(len(x) for x, _ in sampled) == 8 and Subset(calib, range(4))[0][0].shape == (3, 32, 32)
+    config = BrevitasConfig(gptq=False, bias_correction=False)
+    reference, _ = quantize(model, calib, config)
+    x = calib.images[:4]
+    for data in (DataLoader(calib, batch_size=32), (images for images, _ in calib.loader(32)), [calib.images]):
+        qmodel, _ = quantize(model, data, config)
+        assert torch.equal(qmodel(x), reference(x)), type(data)
+    with pytest.raises(BzqError, match="empty"):
+        quantize(model, [], config)
+
+
+def test_a_third_party_backend_plugs_in(tmp_path):
+    from dataclasses import dataclass
+
+    from brevitas_zeroshot.quant import register_backend
+    from brevitas_zeroshot.quant._registry import _BACKENDS
+
+    @dataclass
+    class HalfConfig:  # weights rounded to fp16, activations in float
+        w_bits: int = 16
+        a_bits: int = 32
+
+    def half(model, batches, config):
+        qmodel = copy.deepcopy(model)
+        for p in qmodel.parameters():
+            p.data = p.data.half().float()
+        return qmodel, {"graph": None, "notes": [f"{len(batches)} batches seen"]}
+
+    def save(qmodel, out, example, report, export_onnx):
+        torch.save(qmodel.state_dict(), out / "half.pt")
+        return {"weights": "half.pt"}
+
+    def load(folder, meta):
+        model, _ = load_model(meta["model"], pretrained=False)
+        model.load_state_dict(torch.load(folder / meta["files"]["weights"], weights_only=True))
+        return model
+
+    register_backend(HalfConfig, "half", quantize=half, save=save, load=load)
+    try:
+        model, cfg = random_r20()
+        calib = create_calibration_set("gaussian", model, cfg, num_images=8)
+        qmodel, report = quantize(model, calib, HalfConfig())
+        assert report["notes"] == ["1 batches seen"]
+        save_quantized(qmodel, tmp_path, model_name="cifar_resnet20", config=HalfConfig(), data_config=cfg,
+                       calib=calib, report=report)  # fmt: skip
+        reloaded, _ = load_quantized(tmp_path)
+        assert reloaded.bzq_meta["quantization"] == {"backend": "half", "w_bits": 16, "a_bits": 32}
+        x = calib.images[:2]
+        assert torch.equal(reloaded(x), qmodel.eval()(x))
+    finally:
+        _BACKENDS.pop(HalfConfig)
+
+
+@pytest.mark.parametrize("graph", ["fx", "layerwise"])
+def test_reconstruction_lowers_block_errors_reloads_and_exports(resnet20, graph, tmp_path):
+    import onnxruntime as ort
+
+    model, cfg = resnet20
+    calib = create_calibration_set("gaussian", model, cfg, num_images=32)
+    config = BrevitasConfig(w_bits=4, a_bits=4, gptq=False, bias_correction=False, graph=graph, reconstruct_iters=40)
+    qmodel, report = quantize(model, calib, config)
+    units = report["reconstruction"]["units"]
+    assert report["graph"] == graph and report["reconstruction"]["mode"] == ("blocks" if graph == "fx" else "layers")
+    assert len(units) == (11 if graph == "fx" else 21)
+    assert all(u["mse_after"] <= u["mse_before"] for u in units)  # never worse than round-to-nearest
+    assert sum(u["mse_after"] < 0.9 * u["mse_before"] for u in units) >= len(units) // 2
+    plain, _ = quantize(model, calib, BrevitasConfig(**{**config.__dict__, "reconstruct": False}))
+    x = calib.images
+    with torch.no_grad():
+        ref, got, rtn = model(x), qmodel(x), plain(x)
+    assert (got - ref).pow(2).mean() < (rtn - ref).pow(2).mean()  # closer to float at the output too
+
+    save_quantized(qmodel, tmp_path, model_name="cifar_resnet20", config=config, data_config=cfg, calib=calib,
+                   report=report)  # fmt: skip
+    again, _ = load_quantized(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(x), got)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    onnx = torch.cat([torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x[i : i + 1].numpy()})[0])
+                      for i in range(8)])  # fmt: skip
+    assert (onnx.argmax(1) == got[:8].argmax(1)).float().mean() >= 0.75

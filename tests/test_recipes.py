@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from brevitas_zeroshot import BzqError, load_model
 from brevitas_zeroshot._recipes import find_recipe, list_recipes, load_recipe
-from brevitas_zeroshot.cli import app, quantize
+from brevitas_zeroshot.cli import app
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -24,11 +24,11 @@ def test_the_recipes_folder_is_found_and_listed():
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_dry_runs(path):
-    options, info = load_recipe(path, quantize)
-    assert options["model"] and info.get("description"), f"{path.name} needs a model and a description"
-    assert path.stem.startswith(options["model"]) and f"w{options['w_bits']}a{options['a_bits']}" in path.stem
-    assert options["backend"] in path.stem
-    net, data_config = load_model(options["model"], pretrained=False)
+    config, info = load_recipe(path)
+    assert config.model and info.get("description"), f"{path.name} needs a model and a description"
+    assert path.stem.startswith(config.model) and f"w{config.w_bits}a{config.a_bits}" in path.stem
+    assert config.backend in path.stem
+    net, data_config = load_model(config.model, pretrained=False)
     assert sum(p.numel() for p in net.parameters()) > 0 and len(data_config["input_size"]) == 3
     if "expected_top1" in info:
         assert info["expected_top1"] <= info["expected_float_top1"] + 1 and info.get("expected_on")
@@ -55,19 +55,19 @@ def _recipe(tmp_path: Path, text: str) -> Path:
 )
 def test_bad_recipes_name_the_key_and_line(tmp_path, text, message):
     with pytest.raises(BzqError, match=None) as err:
-        load_recipe(_recipe(tmp_path, text), quantize)
+        load_recipe(_recipe(tmp_path, text))
     assert message in str(err.value)
 
 
 def test_overrides_are_typed_and_validated(tmp_path):
     path = _recipe(tmp_path, "model: cifar_resnet20\nbackend: brevitas\nw_bits: 4\na_bits: 4\n")
-    options, _ = load_recipe(path, quantize, ["images=16", "iterations=3", "eval-limit=10", "gptq=false"])
-    assert (options["images"], options["iterations"], options["eval_limit"], options["gptq"]) == (16, 3, 10, False)
-    assert options["out"] == Path("r")  # default output folder: the recipe's name
+    config, _ = load_recipe(path, ["images=16", "iterations=3", "eval-limit=10", "gptq=false"])
+    assert (config.images, config.synthesis["iterations"], config.eval_limit, config.gptq) == (16, 3, 10, False)
+    assert config.out == Path("r")  # default output folder: the recipe's name
     with pytest.raises(BzqError, match="--set a_bits=1"):
-        load_recipe(path, quantize, ["a_bits=1"])
+        load_recipe(path, ["a_bits=1"])
     with pytest.raises(BzqError, match="--set colour=red: unknown key 'colour'"):
-        load_recipe(path, quantize, ["colour=red"])
+        load_recipe(path, ["colour=red"])
     with pytest.raises(BzqError, match="no recipe 'nope'"):
         find_recipe("nope")
 

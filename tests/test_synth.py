@@ -5,17 +5,18 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import random_r20
 from torch import nn
 
 from brevitas_zeroshot import BzqError, create_loader, load_model
 from brevitas_zeroshot.synth import (
     BNStatistics,
+    CalibrationSet,
     SynthesisConfig,
-    SyntheticCalibrator,
-    SyntheticSet,
+    Synthesiser,
     find_bn_layers,
 )
-from brevitas_zeroshot.synth import _calibrator as calibrator_module
+from brevitas_zeroshot.synth import _synthesiser as synthesiser_module
 from brevitas_zeroshot.synth._sources import create_calibration_set, list_sources, register_source
 
 TINY = dict(num_images=24, batch_size=8, iterations=6)
@@ -23,14 +24,7 @@ TINY = dict(num_images=24, batch_size=8, iterations=6)
 
 @pytest.fixture(scope="module")
 def r20():
-    """cifar_resnet20 without pretrained weights but with non-trivial BN statistics (for tests that need no data)."""
-    model, cfg = load_model("cifar_resnet20", pretrained=False)
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-    return model, cfg
+    return random_r20()
 
 
 def test_bn_layers_found_in_timm_families():
@@ -59,7 +53,7 @@ def test_kl_loss_is_zero_at_the_running_statistics_and_l2_agrees():
 
 def test_loss_falls_at_least_tenfold(resnet20):
     model, cfg = resnet20
-    calib = SyntheticCalibrator(model, cfg, num_images=32, batch_size=32)
+    calib = Synthesiser(model, cfg, num_images=32, batch_size=32)
     calib.generate(show_progress=False)
     history = calib.history[0]  # one entry per step, then the loss of the saved (smoothed) images
     assert history[0] / history[-2] >= 10, history[::20]
@@ -68,26 +62,24 @@ def test_loss_falls_at_least_tenfold(resnet20):
 
 def test_set_is_deterministic_and_round_trips_bit_exactly(r20, tmp_path):
     model, cfg = r20
-    a = SyntheticCalibrator(model, cfg, seed=5, **TINY).generate(show_progress=False)
-    b = SyntheticCalibrator(model, cfg, seed=5, **TINY).generate(tmp_path / "b", show_progress=False)
-    c = SyntheticCalibrator(model, cfg, seed=6, **TINY).generate(show_progress=False)
+    a = Synthesiser(model, cfg, seed=5, **TINY).generate(show_progress=False)
+    b = Synthesiser(model, cfg, seed=5, **TINY).generate(tmp_path / "b", show_progress=False)
+    c = Synthesiser(model, cfg, seed=6, **TINY).generate(show_progress=False)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.images, c.images)
-    again = SyntheticSet.load(tmp_path / "b", model=model, data_config=cfg)
+    again = CalibrationSet.load(tmp_path / "b", model=model, data_config=cfg)
     assert torch.equal(again.images, b.images) and torch.equal(again.labels, b.labels)
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["config"]["seed"] == 5 and manifest["versions"]["torch"] == torch.__version__
     assert len(manifest["batches"][0]["bn_loss_per_layer"]) == 19
     assert (tmp_path / "b" / "preview.png").stat().st_size > 0
     c.save(tmp_path / "c")
-    assert torch.equal(SyntheticSet.load(tmp_path / "c").images, c.images)
+    assert torch.equal(CalibrationSet.load(tmp_path / "c").images, c.images)
 
 
 def test_images_stay_in_the_valid_pixel_range_and_labels_are_balanced(r20):
     model, cfg = r20
-    s = SyntheticCalibrator(model, cfg, num_images=40, batch_size=20, iterations=5, lr=1.0).generate(
-        show_progress=False
-    )
+    s = Synthesiser(model, cfg, num_images=40, batch_size=20, iterations=5, lr=1.0).generate(show_progress=False)
     mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     pixels = s.images * std + mean
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
@@ -96,9 +88,9 @@ def test_images_stay_in_the_valid_pixel_range_and_labels_are_balanced(r20):
 
 def test_resume_after_interruption_loses_nothing(r20, tmp_path, monkeypatch):
     model, cfg = r20
-    full = SyntheticCalibrator(model, cfg, **TINY).generate(show_progress=False)
+    full = Synthesiser(model, cfg, **TINY).generate(show_progress=False)
     calls = []
-    original = calibrator_module.SyntheticCalibrator._synthesise_batch
+    original = synthesiser_module.Synthesiser._synthesise_batch
 
     def interrupted(self, index, *args):
         calls.append(index)
@@ -106,56 +98,56 @@ def test_resume_after_interruption_loses_nothing(r20, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, index, *args)
 
-    monkeypatch.setattr(calibrator_module.SyntheticCalibrator, "_synthesise_batch", interrupted)
+    monkeypatch.setattr(synthesiser_module.Synthesiser, "_synthesise_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path, show_progress=False)
+        Synthesiser(model, cfg, **TINY).generate(tmp_path, show_progress=False)
     assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     with pytest.raises(BzqError, match="unfinished"):
-        SyntheticSet.load(tmp_path)
-    resumed = SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path, show_progress=False)
+        CalibrationSet.load(tmp_path)
+    resumed = Synthesiser(model, cfg, **TINY).generate(tmp_path, show_progress=False)
     assert calls == [0, 1, 2, 2]  # batches 0 and 1 were not made again
     assert torch.equal(resumed.images, full.images) and torch.equal(resumed.labels, full.labels)
 
 
 def test_damaged_shard_is_reported_on_load_and_remade_on_resume(r20, tmp_path):
     model, cfg = r20
-    first = SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path, show_progress=False)
+    first = Synthesiser(model, cfg, **TINY).generate(tmp_path, show_progress=False)
     (tmp_path / "shard-00001.safetensors").write_bytes(b"\0garbage")
     with pytest.raises(BzqError, match="damaged"):
-        SyntheticSet.load(tmp_path)
+        CalibrationSet.load(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
-    again = SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path, show_progress=False)
+    again = Synthesiser(model, cfg, **TINY).generate(tmp_path, show_progress=False)
     assert torch.equal(again.images, first.images)
 
 
 def test_refuses_other_sets_models_and_sizes(r20, tmp_path):
     model, cfg = r20
-    SyntheticCalibrator(model, cfg, seed=1, **TINY).generate(tmp_path / "s", show_progress=False)
+    Synthesiser(model, cfg, seed=1, **TINY).generate(tmp_path / "s", show_progress=False)
     with pytest.raises(BzqError, match="holds a different synthetic set"):
-        SyntheticCalibrator(model, cfg, seed=2, **TINY).generate(tmp_path / "s", show_progress=False)
+        Synthesiser(model, cfg, seed=2, **TINY).generate(tmp_path / "s", show_progress=False)
     other, _ = load_model("cifar_resnet20", pretrained=False)
     with pytest.raises(BzqError, match="made for another model"):
-        SyntheticSet.load(tmp_path / "s", model=other)
+        CalibrationSet.load(tmp_path / "s", model=other)
     with pytest.raises(BzqError, match="input size"):
-        SyntheticSet.load(tmp_path / "s", data_config={**cfg, "input_size": (3, 64, 64)})
+        CalibrationSet.load(tmp_path / "s", data_config={**cfg, "input_size": (3, 64, 64)})
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(BzqError, match="not empty"):
-        SyntheticCalibrator(model, cfg, **TINY).generate(tmp_path / "busy", show_progress=False)
+        Synthesiser(model, cfg, **TINY).generate(tmp_path / "busy", show_progress=False)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
 def test_model_without_batchnorm_is_refused():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
     with pytest.raises(BzqError, match="no BatchNorm layer.*--calib gaussian"):
-        SyntheticCalibrator(vit)
+        Synthesiser(vit)
 
 
 def test_model_in_training_mode_is_used_in_eval_and_left_untouched(r20):
     model = copy.deepcopy(r20[0]).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    SyntheticCalibrator(model, r20[1], **TINY).generate(show_progress=False)
+    Synthesiser(model, r20[1], **TINY).generate(show_progress=False)
     assert model.training and all(p.requires_grad for p in model.parameters())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -172,12 +164,12 @@ def test_non_finite_loss_restarts_the_batch_then_gives_up(r20, monkeypatch):
         return loss * float("nan") if len(seen) <= 3 else loss  # only the first attempt goes bad
 
     monkeypatch.setattr(BNStatistics, "loss", flaky)
-    s = SyntheticCalibrator(model, cfg, num_images=8, batch_size=8, iterations=30).generate(show_progress=False)
+    s = Synthesiser(model, cfg, num_images=8, batch_size=8, iterations=30).generate(show_progress=False)
     assert s.meta["restarts"] == 1 and torch.isfinite(s.images).all()
 
     monkeypatch.setattr(BNStatistics, "loss", lambda self: original(self) * float("nan"))
     with pytest.raises(BzqError, match="non-finite after 3 restarts"):
-        SyntheticCalibrator(model, cfg, num_images=8, batch_size=8, iterations=30).generate(show_progress=False)
+        Synthesiser(model, cfg, num_images=8, batch_size=8, iterations=30).generate(show_progress=False)
 
 
 def test_bad_settings_are_refused():
@@ -186,12 +178,12 @@ def test_bad_settings_are_refused():
     with pytest.raises(BzqError, match="multiple of draws"):
         SynthesisConfig(batch_size=10, draws=3)
     with pytest.raises(BzqError, match="unknown synthesis setting"):
-        SyntheticCalibrator(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)), iters=3)
+        Synthesiser(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)), iters=3)
 
 
 def test_loader_forward_loop_and_example_inputs(r20):
     model, cfg = r20
-    s = SyntheticCalibrator(model, cfg, **TINY).generate(show_progress=False)
+    s = Synthesiser(model, cfg, **TINY).generate(show_progress=False)
     loader = s.loader(batch_size=10)
     first = [(x.clone(), y.clone()) for x, y in loader]
     second = list(loader)
@@ -207,9 +199,7 @@ def test_loader_forward_loop_and_example_inputs(r20):
 
 def test_draws_share_one_learned_distribution(r20):
     model, cfg = r20
-    s = SyntheticCalibrator(model, cfg, num_images=16, batch_size=16, iterations=5, draws=4).generate(
-        show_progress=False
-    )
+    s = Synthesiser(model, cfg, num_images=16, batch_size=16, iterations=5, draws=4).generate(show_progress=False)
     assert len(s) == 16 and len(torch.unique(s.images.flatten(1), dim=0)) == 16
     slot_labels = s.labels.view(4, 4)  # rows: slots; columns: the draws of a slot
     assert (slot_labels == slot_labels[:, :1]).all() and len(slot_labels[:, 0].unique()) == 4
@@ -231,7 +221,7 @@ def test_sources_share_one_interface(r20, tmp_path, cifar_train_calib):
 
     @register_source("ones")
     def ones(model, data_config, num_images, seed, out, device, **settings):
-        return SyntheticSet(torch.ones(num_images, *data_config["input_size"]), torch.zeros(num_images).long())
+        return CalibrationSet(torch.ones(num_images, *data_config["input_size"]), torch.zeros(num_images).long())
 
     assert create_calibration_set("ones", model, cfg, num_images=3).images.sum() == 3 * 3 * 32 * 32
 
@@ -269,7 +259,7 @@ def _w4_bias_corrected(model: nn.Module, calib: torch.Tensor) -> nn.Module:
 def test_synthetic_data_corrects_biases_better_than_noise(resnet20, cifar_test_dev):
     model, cfg = resnet20
     loader = create_loader(cifar_test_dev, cfg, batch_size=500, workers=0)
-    synthetic = SyntheticCalibrator(model, cfg, num_images=128).generate(show_progress=False)  # the defaults
+    synthetic = Synthesiser(model, cfg, num_images=128).generate(show_progress=False)  # the defaults
     noise = create_calibration_set("gaussian", model, cfg, num_images=128)
 
     @torch.no_grad()
@@ -289,8 +279,8 @@ def test_low_pass_makes_smoother_images(r20):
     def roughness(images):
         return (images[..., 1:, :] - images[..., :-1, :]).abs().mean().item()
 
-    sharp = SyntheticCalibrator(model, cfg, blur_sigma=0.0, **TINY).generate(show_progress=False)
-    smooth = SyntheticCalibrator(model, cfg, blur_sigma=1.0, **TINY).generate(show_progress=False)
+    sharp = Synthesiser(model, cfg, blur_sigma=0.0, **TINY).generate(show_progress=False)
+    smooth = Synthesiser(model, cfg, blur_sigma=1.0, **TINY).generate(show_progress=False)
     assert roughness(smooth.images) < 0.7 * roughness(sharp.images)
 
 
@@ -342,10 +332,10 @@ def test_diverse_init_gives_varied_images_and_canvas_keeps_the_input_size(r20):
     def spread(images):  # how much the per-image colour differs across the set
         return images.mean((2, 3)).std(0).mean().item()
 
-    noise = SyntheticCalibrator(model, cfg, init="noise", **TINY).generate(show_progress=False)
-    diverse = SyntheticCalibrator(model, cfg, init="diverse", **TINY).generate(show_progress=False)
+    noise = Synthesiser(model, cfg, init="noise", **TINY).generate(show_progress=False)
+    diverse = Synthesiser(model, cfg, init="diverse", **TINY).generate(show_progress=False)
     assert spread(diverse.images) > 3 * spread(noise.images)
-    canvas = SyntheticCalibrator(model, cfg, canvas=8, flip=True, **TINY).generate(show_progress=False)
+    canvas = Synthesiser(model, cfg, canvas=8, flip=True, **TINY).generate(show_progress=False)
     assert canvas.images.shape == diverse.images.shape and not torch.equal(canvas.images, diverse.images)
     with pytest.raises(BzqError, match="init must be"):
         SynthesisConfig(init="zeros")

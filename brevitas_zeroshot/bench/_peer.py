@@ -10,7 +10,7 @@ import time
 import torch
 
 from .._errors import BzqError
-from ..synth import SyntheticSet, balanced_labels
+from ..synth import CalibrationSet, balanced_labels
 from ..synth._set import set_meta
 from ..synth._sources import register_source
 
@@ -25,7 +25,7 @@ _NORMALIZATION = {
 
 
 @register_source("mct")
-def mct(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
+def mct(model, data_config, num_images, seed, out, device, **settings) -> CalibrationSet:
     """Sony Model Compression Toolkit's data generation with its defaults; ``settings`` override them."""
     try:
         import numpy as np
@@ -72,7 +72,7 @@ def mct(model, data_config, num_images, seed, out, device, **settings) -> Synthe
     named = {k: getattr(v, "name", v) for k, v in settings.items()}  # enum members by name
     meta["config"] = {k: v for k, v in named.items() if isinstance(v, int | float | str | bool)}
     labels = balanced_labels(num_images, data_config.get("num_classes") or 1, seed)  # MCT is not class-conditional
-    result = SyntheticSet(torch.cat(images).float().cpu(), labels, meta)
+    result = CalibrationSet(torch.cat(images).float().cpu(), labels, meta)
     if out is not None:
         result.save(out)
     return result

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..synth._set import MANIFEST, SyntheticSet, read_manifest
+from ..synth._set import MANIFEST, CalibrationSet, read_manifest
 from ._quality import _slug, summarise
 
 __all__ = ["write_plots"]
@@ -89,7 +89,7 @@ def _picture_grid(task_sets: Path, per_row: int = 8):
     for folder in sorted(task_sets.glob("*/seed0")):
         if not (folder / MANIFEST).exists() or not read_manifest(folder).get("complete"):
             continue
-        calib = SyntheticSet.load(folder)
+        calib = CalibrationSet.load(folder)
         x = calib.images[:per_row].float()
         mean = torch.tensor(calib.meta["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(calib.meta["std"]).view(1, -1, 1, 1)

@@ -23,8 +23,9 @@ from .._evaluate import evaluate
 from .._utils import library_versions, resolve_device
 from ..data import create_loader
 from ..models import load_model
-from ..quant import BrevitasConfig, PT2EConfig, quantize
-from ..synth import SyntheticSet
+from ..quant import quantize
+from ..quant._registry import create_quant_config
+from ..synth import CalibrationSet
 from ..synth._set import MANIFEST, read_manifest
 from ..synth._sources import create_calibration_set
 from . import _peer  # noqa: F401  (registers the "mct" source)
@@ -67,16 +68,15 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return match["name"], settings
 
 
-def make_scheme(spec: str) -> BrevitasConfig | PT2EConfig:
-    """``brevitas-w4a4`` / ``pt2e-w8a8``, optionally ``[key=value,...]`` with config fields."""
+def make_scheme(spec: str):
+    """``brevitas-w4a4`` / ``pt2e-w8a8``, optionally ``[key=value,...]`` with config fields: the backend's config."""
     name, settings = parse_spec(spec)
-    match = re.fullmatch(r"(brevitas|pt2e)-w(\d+)a(\d+)", name)
+    match = re.fullmatch(r"([a-z0-9_]+)-w(\d+)a(\d+)", name)
     if not match:
         raise BzqError(f"unknown scheme '{spec}': use brevitas-wXaY or pt2e-wXaY, optionally [key=value,...].")
-    cls = BrevitasConfig if match[1] == "brevitas" else PT2EConfig
     try:
-        return cls(w_bits=int(match[2]), a_bits=int(match[3]), **settings)
-    except TypeError as e:
+        return create_quant_config(match[1], w_bits=int(match[2]), a_bits=int(match[3]), **settings)
+    except BzqError as e:
         raise BzqError(f"scheme '{spec}': {e}") from None
 
 
@@ -103,7 +103,7 @@ def _calibration_set(source: str, net, data_config, calib_folder: Path, folder: 
         )
         return result, float(result.meta.get("synthesis_seconds") or 0.0)
     if (folder / MANIFEST).exists() and read_manifest(folder).get("complete"):
-        loaded = SyntheticSet.load(folder, model=net, data_config=data_config)
+        loaded = CalibrationSet.load(folder, model=net, data_config=data_config)
         return loaded, float(loaded.meta.get("synthesis_seconds") or 0.0)
     start = time.perf_counter()
     target = calib_folder if name == "real" else name
@@ -164,7 +164,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
     return collect(out, config)
 
 
-def _loss_trace(calib: SyntheticSet) -> list[float] | None:
+def _loss_trace(calib: CalibrationSet) -> list[float] | None:
     traces = [b["bn_loss_trace"] for b in calib.meta.get("batches", []) if "bn_loss_trace" in b]
     return [statistics.fmean(step) for step in zip(*traces, strict=False)] if traces else None
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._utils import resolve_device
-from ..synth import SyntheticCalibrator
+from ..synth import Synthesiser
 
 __all__ = ["benchmark_synthesis"]
 
@@ -38,7 +38,7 @@ def benchmark_synthesis(
     is the real loop (``steps`` iterations minus a 0-iteration run, so setup and the final pass cancel out).
     """
     device = resolve_device(device)
-    calib = SyntheticCalibrator(model, data_config, device, num_images=batch_size, batch_size=batch_size, **settings)
+    calib = Synthesiser(model, data_config, device, num_images=batch_size, batch_size=batch_size, **settings)
     c, h, w = calib.data_config["input_size"]
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)

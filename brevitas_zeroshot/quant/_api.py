@@ -1,39 +1,52 @@
-"""One verb per step for both backends: ``quantize``, ``save_quantized``, ``load_quantized``."""
+"""One verb per step, for every registered backend: ``quantize``, ``save_quantized``, ``load_quantized``."""
 
-import copy
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from .._errors import BzqError
 from .._files import WRITER, read_own_record, write_atomic
 from .._utils import library_versions
-from ..synth import SyntheticSet
-from ._brevitas import BrevitasConfig, build_quant_model, quantize_brevitas
-from ._pt2e import PT2EConfig, export_program, quantize_pt2e
+from ..synth import CalibrationSet
+from ._registry import as_batches, backend_for, backend_named
 
 __all__ = ["quantize", "save_quantized", "load_quantized", "QUANT_CONFIG"]
 
 QUANT_CONFIG = "quant_config.json"
 
 
-def quantize(model: nn.Module, calib: SyntheticSet, config: BrevitasConfig | PT2EConfig) -> tuple[nn.Module, dict]:
-    """Quantize a copy of the float ``model`` with the backend ``config`` names, calibrated on ``calib``."""
-    if isinstance(config, BrevitasConfig):
-        return quantize_brevitas(model, calib, config)
-    if isinstance(config, PT2EConfig):
-        return quantize_pt2e(model, calib, config)
-    raise BzqError(f"unknown quantization config {type(config).__name__}: use BrevitasConfig or PT2EConfig.")
+def quantize(model: nn.Module, calibration, config) -> tuple[nn.Module, dict]:
+    """Quantize a copy of the float ``model`` with the backend registered for ``type(config)``.
+
+    ``calibration`` is a :class:`CalibrationSet`, any ``Dataset`` of ``(image, label)``, a ``DataLoader`` of real
+    images, or any iterable of image batches.
+    """
+    backend = backend_for(config)
+    return backend.quantize(model, as_batches(calibration, getattr(config, "calib_batch_size", 32)), config)
 
 
-def _config_dict(config: BrevitasConfig | PT2EConfig, report: dict) -> dict:
-    if isinstance(config, BrevitasConfig):  # the graph mode actually used, so a reload rebuilds the same model
-        return {"backend": "brevitas", **asdict(config), "graph": report.get("graph") or config.graph}
-    d = {k: v for k, v in asdict(config).items() if k != "quantizer"}
-    return {"backend": "pt2e", **d, "quantizer": type(config.quantizer).__name__ if config.quantizer else None}
+def _config_dict(config, report: dict) -> dict:
+    """The config as JSON: values JSON cannot hold (a Quantizer object) by their type name; the graph mode actually
+    used, so a reload rebuilds the same model."""
+    values = asdict(config) if is_dataclass(config) else dict(vars(config))
+    for k, v in values.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            values[k] = type(v).__name__
+    if "graph" in values and report.get("graph"):
+        values["graph"] = report["graph"]
+    return {"backend": backend_for(config).name, **values}
+
+
+def config_from_dict(config_type: type, values: dict):
+    """Rebuild a config saved by ``_config_dict`` (fields it does not know are left out)."""
+    names = {f.name for f in fields(config_type)}
+    return config_type(**{k: v for k, v in values.items() if k in names})
 
 
 def save_quantized(
@@ -41,44 +54,33 @@ def save_quantized(
     out: str | Path,
     *,
     model_name: str,
-    config: BrevitasConfig | PT2EConfig,
+    config,
     data_config: dict,
-    calib: SyntheticSet,
+    calib,
     report: dict,
     checkpoint: str | Path | None = None,
     export_onnx: bool = True,
     write_calibration: bool = True,
 ) -> Path:
-    """Write the quantized model, its JSON config, the calibration set's manifest and an export to ``out``.
+    """Write the quantized model (the backend's files), ``quant_config.json`` and the calibration set's manifest.
 
-    ``qmodel`` itself is left as it is (the ONNX export works on a copy). An ONNX export that fails is recorded in
-    ``report["failed_steps"]``; one that cannot run (no ``onnx`` installed) in ``report["notes"]``.
+    ``qmodel`` itself is left as it is. An export that fails is recorded in ``report["failed_steps"]``; one that
+    cannot run (a package missing) in ``report["notes"]``.
     """
     from ..synth._set import MANIFEST, save_preview, write_manifest
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    example = calib.example_inputs(2)[0].to(next(iter(qmodel.parameters()), torch.empty(0)).device)
-    files = {}
-    if isinstance(config, BrevitasConfig):
-        from safetensors.torch import save_file
-
-        # Brevitas shares scale parameters between quantizers; the file keeps a copy under every name.
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in qmodel.state_dict().items()}
-        write_atomic(out / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
-        files["weights"] = "model.safetensors"
-        if export_onnx:
-            files["onnx"] = _export_onnx(qmodel, example, out / "model.onnx", report)
-    else:
-        program = export_program(qmodel, example)
-        write_atomic(out / "model.pt2", lambda tmp: torch.export.save(program, str(tmp)))
-        files["program"] = "model.pt2"
-    calib_meta = {k: v for k, v in calib.meta.items() if k != "folder"}  # never a path to real data
+    batches = as_batches(calib)
+    example = batches.example(2).to(next(iter(qmodel.parameters()), torch.empty(0)).device)
+    files = backend_for(config).save(qmodel, out, example, report, export_onnx)
+    calib_meta = {k: v for k, v in getattr(calib, "meta", {}).items() if k != "folder"}  # never a path to real data
+    calib_meta.setdefault("source", "user data")
     calib_dir = out / "calibration"
     if write_calibration and not (calib_dir / MANIFEST).exists():  # a set synthesised there has its own
         calib_dir.mkdir(exist_ok=True)
         write_manifest(calib_dir, calib_meta)
-        if calib_meta.get("source") != "real":
+        if isinstance(calib, CalibrationSet) and calib_meta.get("source") != "real":
             save_preview(calib.images, calib.meta, calib_dir / "preview.png")
     meta = {
         "format_version": 1,
@@ -89,7 +91,7 @@ def save_quantized(
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "calibration": {
             "source": calib_meta.get("source"),
-            "num_images": len(calib),
+            "num_images": _count(calib),
             "seed": calib_meta.get("seed"),
             "fingerprint": calib_meta.get("fingerprint"),
         },
@@ -101,28 +103,10 @@ def save_quantized(
     return out
 
 
-def _export_onnx(qmodel: nn.Module, example: torch.Tensor, path: Path, report: dict) -> str | None:
-    """ONNX QCDQ export of a CPU copy of ``qmodel``; a failure is recorded, not raised (the safetensors state is the
-    reference), and leaves no file."""
-    try:
-        from brevitas.export import export_onnx_qcdq
-    except ImportError as e:
-        report.setdefault("notes", []).append(
-            f"ONNX export skipped: {e} (pip install 'brevitas-zeroshot[export]', or pass --no-onnx)"
-        )
-        return None
-    try:
-        model = copy.deepcopy(qmodel).cpu()
-        write_atomic(
-            path,
-            lambda tmp: export_onnx_qcdq(
-                model, args=example.cpu()[:1], export_path=str(tmp), opset_version=17, dynamo=False
-            ),
-        )
-        return path.name
-    except Exception as e:  # an operator the exporter does not know, a full disk...
-        report.setdefault("failed_steps", []).append(f"ONNX export: {type(e).__name__}: {str(e)[:200]}")
-        return None
+def _count(calib) -> int | None:
+    """Images in the calibration data, where it says."""
+    data = getattr(calib, "dataset", calib)  # a DataLoader's length counts batches
+    return len(data) if isinstance(data, Dataset | CalibrationSet) and hasattr(data, "__len__") else None
 
 
 def load_quantized(source: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
@@ -144,25 +128,9 @@ def load_quantized(source: str | Path, device: str | torch.device | None = None)
 
 
 def _load(folder: Path, meta: dict, device) -> tuple[nn.Module, dict]:
-    from ..models import load_model
-
-    q = dict(meta["quantization"])
-    backend = q.pop("backend")
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
-    if backend == "pt2e":
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
-
-        model = torch.export.load(str(folder / meta["files"]["program"])).module()
-        allow_exported_model_train_eval(model)
-    else:
-        from brevitas.graph.calibrate import load_quant_model_mode
-        from safetensors.torch import load_file
-
-        float_model, _ = load_model(meta["model"], pretrained=False)
-        model, _ = build_quant_model(float_model, BrevitasConfig(**q), tuple(data_config["input_size"]))
-        with load_quant_model_mode(model):
-            model.load_state_dict(load_file(str(folder / meta["files"]["weights"])))
-        model.eval()
+    model = backend_named(meta["quantization"]["backend"]).load(folder, meta)
+    model.eval()  # an exported program's eval() returns None
     if device is not None:
         model.to(device)
     model.bzq_meta = meta

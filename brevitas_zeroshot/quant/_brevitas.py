@@ -5,14 +5,18 @@ Talks to Brevitas's core API (``brevitas.graph``), not to the example scripts sh
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .._errors import BzqError
+from .._files import write_atomic
 from .._utils import progress
-from ..synth import SyntheticSet
+from ._reconstruct import ReconstructionConfig, reconstruct
+from ._registry import as_batches, register_backend
 
 __all__ = ["BrevitasConfig", "quantize_brevitas", "prepare_for_brevitas", "build_quant_model"]
 
@@ -34,6 +38,9 @@ class BrevitasConfig:
     bias_correction: bool = True
     calib_batch_size: int = 32
     graph: str = "auto"  # "fx" (graph mode, BN merged), "layerwise", or "auto" (fx, else layerwise)
+    reconstruct: bool | None = None  # block reconstruction after GPTQ (None: on below 8-bit activations)
+    reconstruct_iters: int = 300  # optimisation steps per block
+    learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -50,10 +57,16 @@ class BrevitasConfig:
             raise BzqError("choose GPTQ or GPFQ, not both.")
         if not 0 < self.act_percentile <= 100:
             raise BzqError("act_percentile must be in (0, 100].")
+        if self.reconstruct_iters < 1:
+            raise BzqError("reconstruct_iters must be at least 1.")
 
     @property
     def use_gptq(self) -> bool:
         return (self.w_bits < 8 and not self.gpfq) if self.gptq is None else self.gptq
+
+    @property
+    def use_reconstruction(self) -> bool:
+        return self.a_bits < 8 if self.reconstruct is None else self.reconstruct
 
 
 def prepare_for_brevitas(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
@@ -270,29 +283,31 @@ def _weights(qmodel: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def calibrate(qmodel: nn.Module, loader) -> None:
-    """Collect activation statistics over the whole set (Brevitas ``calibration_mode``)."""
+def calibrate(qmodel: nn.Module, batches) -> None:
+    """Collect activation statistics over any calibration data (Brevitas ``calibration_mode``)."""
     from brevitas.graph.calibrate import calibration_mode
 
+    batches = as_batches(batches)
     device = next(qmodel.parameters()).device
-    qmodel(next(iter(loader))[0].to(device))  # some quantizers initialise their scales on the first forward
+    qmodel(next(iter(batches)).to(device))  # some quantizers initialise their scales on the first forward
     with calibration_mode(qmodel):
-        for images, _ in progress(loader, desc="calibration", unit="batch"):
+        for images in progress(batches, desc="calibration", unit="batch"):
             qmodel(images.to(device))
 
 
 @torch.no_grad()
-def optimise_weights(qmodel: nn.Module, loader, method: str = "gptq") -> float:
+def optimise_weights(qmodel: nn.Module, batches, method: str = "gptq") -> float:
     """GPTQ or GPFQ over the set (one pass per layer); returns the fraction of quantized weights it changed."""
     from brevitas.graph.gpfq import gpfq_mode
     from brevitas.graph.gptq import gptq_mode
 
+    batches = as_batches(batches)
     device = next(qmodel.parameters()).device
     mode = gptq_mode if method == "gptq" else gpfq_mode
     before = _weights(qmodel)
     with mode(qmodel, use_quant_activations=True, create_weight_orig=False) as opt:
         for _ in progress(range(opt.num_layers), desc=method.upper(), unit="layer"):
-            for images, _ in loader:
+            for images in batches:
                 opt.model(images.to(device))
             opt.update()
     after = _weights(qmodel)
@@ -303,32 +318,95 @@ def optimise_weights(qmodel: nn.Module, loader, method: str = "gptq") -> float:
 
 
 @torch.no_grad()
-def correct_biases(qmodel: nn.Module, loader) -> None:
+def correct_biases(qmodel: nn.Module, batches) -> None:
     """Shift each layer's bias by the mean output error measured on the set (Brevitas ``bias_correction_mode``)."""
     from brevitas.graph.calibrate import bias_correction_mode
 
+    batches = as_batches(batches)
     device = next(qmodel.parameters()).device
     with bias_correction_mode(qmodel):
-        for images, _ in progress(loader, desc="bias correction", unit="batch"):
+        for images in progress(batches, desc="bias correction", unit="batch"):
             qmodel(images.to(device))
 
 
 def quantize_brevitas(
-    float_model: nn.Module, calib: SyntheticSet, config: BrevitasConfig | None = None
+    float_model: nn.Module, calibration, config: BrevitasConfig | None = None
 ) -> tuple[nn.Module, dict]:
-    """Quantize a copy of ``float_model`` with Brevitas, calibrated on ``calib`` (made from the float model first).
+    """Quantize a copy of ``float_model`` with Brevitas, calibrated on ``calibration`` (any calibration data).
 
     Steps: graph preprocessing (BN merge, equalisation), quantization, activation calibration, GPTQ (or GPFQ) on
-    the weights, bias correction. Every step iterates the same materialised calibration set.
+    the weights, block reconstruction (learned rounding and step sizes), bias correction. Every step iterates the
+    same calibration batches.
     """
     config = config or BrevitasConfig()
-    qmodel, report = build_quant_model(float_model, config, tuple(calib.images.shape[1:]))
+    batches = as_batches(calibration, config.calib_batch_size)
+    qmodel, report = build_quant_model(float_model, config, batches.input_size)
     qmodel.to(next(float_model.parameters()).device)
-    loader = calib.loader(config.calib_batch_size)
-    calibrate(qmodel, loader)
+    calibrate(qmodel, batches)
     report["weights_changed_by_gptq"] = 0.0
     if config.use_gptq or config.gpfq:
-        report["weights_changed_by_gptq"] = optimise_weights(qmodel, loader, "gpfq" if config.gpfq else "gptq")
+        report["weights_changed_by_gptq"] = optimise_weights(qmodel, batches, "gpfq" if config.gpfq else "gptq")
+    if config.use_reconstruction:
+        start = time.perf_counter()
+        settings = ReconstructionConfig(iterations=config.reconstruct_iters, learn_scales=config.learn_act_scales)
+        report["reconstruction"] = reconstruct(qmodel, batches, settings)
+        report["reconstruction"]["seconds"] = round(time.perf_counter() - start, 2)
     if config.bias_correction:
-        correct_biases(qmodel, loader)
+        correct_biases(qmodel, batches)
     return qmodel.eval(), report
+
+
+def _save(qmodel: nn.Module, out: Path, example: torch.Tensor, report: dict, export_onnx: bool) -> dict:
+    """``model.safetensors`` (the state dict) and, on request, ``model.onnx`` (QCDQ)."""
+    from safetensors.torch import save_file
+
+    # Brevitas shares scale parameters between quantizers; the file keeps a copy under every name.
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in qmodel.state_dict().items()}
+    write_atomic(out / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    files = {"weights": "model.safetensors"}
+    if export_onnx:
+        files["onnx"] = _export_onnx(qmodel, example, out / "model.onnx", report)
+    return files
+
+
+def _export_onnx(qmodel: nn.Module, example: torch.Tensor, path: Path, report: dict) -> str | None:
+    """ONNX QCDQ export of a CPU copy of ``qmodel``; a failure is recorded, not raised (the safetensors state is the
+    reference), and leaves no file."""
+    try:
+        from brevitas.export import export_onnx_qcdq
+    except ImportError as e:
+        report.setdefault("notes", []).append(
+            f"ONNX export skipped: {e} (pip install 'brevitas-zeroshot[export]', or pass --no-onnx)"
+        )
+        return None
+    try:
+        model = copy.deepcopy(qmodel).cpu()
+        write_atomic(
+            path,
+            lambda tmp: export_onnx_qcdq(
+                model, args=example.cpu()[:1], export_path=str(tmp), opset_version=17, dynamo=False
+            ),
+        )
+        return path.name
+    except Exception as e:  # an operator the exporter does not know, a full disk...
+        report.setdefault("failed_steps", []).append(f"ONNX export: {type(e).__name__}: {str(e)[:200]}")
+        return None
+
+
+def _load(folder: Path, meta: dict) -> nn.Module:
+    """Rebuild the quantized model from the float architecture and the saved config, then load its state."""
+    from brevitas.graph.calibrate import load_quant_model_mode
+    from safetensors.torch import load_file
+
+    from ..models import load_model
+    from ._api import config_from_dict
+
+    config = config_from_dict(BrevitasConfig, meta["quantization"])
+    float_model, _ = load_model(meta["model"], pretrained=False)
+    model, _ = build_quant_model(float_model, config, tuple(meta["data_config"]["input_size"]))
+    with load_quant_model_mode(model):
+        model.load_state_dict(load_file(str(folder / meta["files"]["weights"])))
+    return model
+
+
+register_backend(BrevitasConfig, "brevitas", quantize=quantize_brevitas, save=_save, load=_load)

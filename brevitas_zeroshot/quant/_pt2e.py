@@ -3,14 +3,16 @@
 import copy
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._errors import BzqError
+from .._files import write_atomic
 from .._utils import progress
-from ..synth import SyntheticSet
+from ._registry import as_batches, register_backend
 
 __all__ = ["PT2EConfig", "quantize_pt2e", "default_quantizer"]
 
@@ -79,23 +81,39 @@ def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
 
 
 @torch.no_grad()
-def quantize_pt2e(
-    float_model: nn.Module, calib: SyntheticSet, config: PT2EConfig | None = None
-) -> tuple[nn.Module, dict]:
-    """Export a copy of the float model, prepare it with the quantizer, calibrate on ``calib``, convert."""
+def quantize_pt2e(float_model: nn.Module, calibration, config: PT2EConfig | None = None) -> tuple[nn.Module, dict]:
+    """Export a copy of the float model, prepare it with the quantizer, calibrate on ``calibration``, convert."""
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     config = config or PT2EConfig()
+    batches = as_batches(calibration, config.calib_batch_size)
     quantizer = config.quantizer or default_quantizer(config.target)
     model = copy.deepcopy(float_model).eval()
     device = next(model.parameters()).device
-    example = calib.example_inputs(2)[0].to(device)
-    program = export_program(model, example)
+    program = export_program(model, batches.example(2).to(device))
     prepared = prepare_pt2e(program.module(), quantizer)
-    for images, _ in progress(calib.loader(config.calib_batch_size), desc="calibration", unit="batch"):
+    for images in progress(batches, desc="calibration", unit="batch"):
         prepared(images.to(device))
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)  # so .eval() works as on any model
     report = {"graph": "pt2e", "quantizer": type(quantizer).__name__, "notes": list(config.notes)}
     return converted, report
+
+
+def _save(qmodel: nn.Module, out: Path, example: torch.Tensor, report: dict, export_onnx: bool) -> dict:
+    """``model.pt2``: the converted program, exported again with a dynamic batch dimension."""
+    program = export_program(qmodel, example)
+    write_atomic(out / "model.pt2", lambda tmp: torch.export.save(program, str(tmp)))
+    return {"program": "model.pt2"}
+
+
+def _load(folder: Path, meta: dict) -> nn.Module:
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    model = torch.export.load(str(folder / meta["files"]["program"])).module()
+    allow_exported_model_train_eval(model)
+    return model
+
+
+register_backend(PT2EConfig, "pt2e", quantize=quantize_pt2e, save=_save, load=_load)

@@ -10,11 +10,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import Dataset
 
 from .._errors import BzqError
 from .._files import WRITER, read_own_record, refuse_foreign, write_atomic
 
-__all__ = ["SetMismatch", "SyntheticSet", "model_fingerprint", "MANIFEST", "own_manifest", "set_files"]
+__all__ = [
+    "SetMismatch",
+    "CalibrationSet",
+    "SyntheticSet",
+    "model_fingerprint",
+    "MANIFEST",
+    "own_manifest",
+    "set_files",
+]
 
 MANIFEST = "manifest.json"
 PREVIEW = "preview.png"
@@ -106,11 +115,13 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 @dataclass
-class SyntheticSet:
-    """Calibration images in the model's normalised input space, with target labels and metadata.
+class CalibrationSet(Dataset):
+    """Calibration images in the model's normalised input space, with their labels and metadata: a
+    ``torch.utils.data.Dataset`` of ``(image, label)``, whatever the source (synthesised, real, noise).
 
-    Iterating ``loader()`` always yields the same ``(images, labels)`` batches in the same order, so toolkits that
-    pass over the calibration data many times (Brevitas GPTQ: once per layer) see one fixed set.
+    ``DataLoader(calibration_set, batch_size=32)`` works, with samplers and ``Subset``. ``loader()`` always yields
+    the same ``(images, labels)`` batches in the same order, so toolkits that pass over the calibration data many
+    times (Brevitas GPTQ: once per layer) see one fixed set.
     """
 
     images: torch.Tensor
@@ -119,6 +130,9 @@ class SyntheticSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
 
     def loader(self, batch_size: int = 32) -> "SetLoader":
         """A re-iterable, deterministic loader of ``(images, labels)`` batches."""
@@ -155,7 +169,7 @@ class SyntheticSet:
         return folder
 
     @classmethod
-    def load_unchecked(cls, folder: Path, manifest: dict) -> "SyntheticSet":
+    def load_unchecked(cls, folder: Path, manifest: dict) -> "CalibrationSet":
         parts = [read_shard(folder / s["file"]) for s in manifest["shards"]]
         images = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
@@ -169,7 +183,7 @@ class SyntheticSet:
     @classmethod
     def load(
         cls, folder: str | Path, model: nn.Module | None = None, data_config: dict | None = None
-    ) -> "SyntheticSet":
+    ) -> "CalibrationSet":
         """Read a set written by ``save``/``generate``; with ``model``/``data_config``, refuse one made for another."""
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -179,10 +193,13 @@ class SyntheticSet:
         return cls.load_unchecked(folder, manifest)
 
 
-class SetLoader:
-    """Batches of a SyntheticSet, re-iterable (a DataLoader stand-in without workers or shuffling)."""
+SyntheticSet = CalibrationSet  # the name before 0.2; it also holds real images and noise
 
-    def __init__(self, dataset: SyntheticSet, batch_size: int):
+
+class SetLoader:
+    """Batches of a CalibrationSet, re-iterable (a DataLoader stand-in without workers or shuffling)."""
+
+    def __init__(self, dataset: CalibrationSet, batch_size: int):
         self.dataset = dataset
         self.batch_size = batch_size
 

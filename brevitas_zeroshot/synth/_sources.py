@@ -1,7 +1,7 @@
 """Calibration sources behind one interface: ``gznq`` (ours), ``zeroq``, ``gaussian``, a real folder, a saved set.
 
 Third-party sources register with :func:`register_source` or through the ``brevitas_zeroshot.sources`` entry-point
-group; a source is a callable ``(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet``.
+group; a source is a callable ``(model, data_config, num_images, seed, out, device, **settings) -> CalibrationSet``.
 """
 
 import logging
@@ -15,13 +15,13 @@ from torch import nn
 
 from .._errors import BzqError
 from ..models import resolve_data_config
-from ._calibrator import SynthesisConfig, SyntheticCalibrator, balanced_labels
-from ._set import MANIFEST, SyntheticSet, set_meta
+from ._set import MANIFEST, CalibrationSet, set_meta
+from ._synthesiser import SynthesisConfig, Synthesiser, balanced_labels
 
 __all__ = ["check_source", "create_calibration_set", "list_sources", "register_source", "ZEROQ_SETTINGS"]
 
 _logger = logging.getLogger(__name__)
-_SOURCES: dict[str, Callable[..., SyntheticSet]] = {}
+_SOURCES: dict[str, Callable[..., CalibrationSet]] = {}
 
 # ZeroQ-style baseline: square loss on BN statistics, plain pixels, no labels, priors or augmentation.
 ZEROQ_SETTINGS = dict(
@@ -40,7 +40,7 @@ ZEROQ_SETTINGS = dict(
 def register_source(name: str) -> Callable:
     """Decorator: make a calibration source available as ``--calib NAME``."""
 
-    def wrap(fn: Callable[..., SyntheticSet]) -> Callable[..., SyntheticSet]:
+    def wrap(fn: Callable[..., CalibrationSet]) -> Callable[..., CalibrationSet]:
         _SOURCES[name] = fn
         return fn
 
@@ -70,7 +70,7 @@ def create_calibration_set(
     out: str | Path | None = None,
     device: str | torch.device | None = None,
     **settings,
-) -> SyntheticSet:
+) -> CalibrationSet:
     """Make (or read) the calibration set named by ``source`` for the float ``model``.
 
     ``source`` is a registered name (``gznq``, ``zeroq``, ``gaussian``...), a folder written by ``bzq generate``,
@@ -83,7 +83,7 @@ def create_calibration_set(
         return _SOURCES[name](model, data_config, num_images, seed, out, device, **settings)
     if kind == "set":
         _ignored("a saved set", {k: v for k, v in settings.items() if k != "overwrite"})
-        return SyntheticSet.load(name, model=model, data_config=data_config)
+        return CalibrationSet.load(name, model=model, data_config=data_config)
     return real_images(model, data_config, num_images, seed, out, device, folder=Path(name), **settings)
 
 
@@ -105,32 +105,32 @@ def check_source(source: str | Path) -> str:
 
 
 @register_source("gznq")
-def gznq(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
+def gznq(model, data_config, num_images, seed, out, device, **settings) -> CalibrationSet:
     """Ours: BN-distribution matching (Gaussian KL) with a learned per-pixel image distribution."""
     overwrite = settings.pop("overwrite", False)  # a different set already in ``out`` is replaced, a same one resumed
-    calib = SyntheticCalibrator(model, data_config, device, num_images=num_images, seed=seed, **settings)
+    calib = Synthesiser(model, data_config, device, num_images=num_images, seed=seed, **settings)
     return calib.generate(out, overwrite=overwrite)
 
 
 @register_source("zeroq")
-def zeroq(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
+def zeroq(model, data_config, num_images, seed, out, device, **settings) -> CalibrationSet:
     """Baseline: ZeroQ-style square loss on BN statistics over plain pixels."""
     overwrite = settings.pop("overwrite", False)
     _ignored("zeroq", {k: v for k, v in settings.items() if k in ZEROQ_SETTINGS})
-    calib = SyntheticCalibrator(
+    calib = Synthesiser(
         model, data_config, device, source="zeroq", num_images=num_images, seed=seed, **{**settings, **ZEROQ_SETTINGS}
     )
     return calib.generate(out, overwrite=overwrite)
 
 
 @register_source("gaussian")
-def gaussian(model, data_config, num_images, seed, out, device, **settings) -> SyntheticSet:
+def gaussian(model, data_config, num_images, seed, out, device, **settings) -> CalibrationSet:
     """Baseline: N(0, 1) noise in the normalised input space."""
     _ignored("gaussian", settings)
     g = torch.Generator().manual_seed(seed)
     images = torch.randn((num_images, *data_config["input_size"]), generator=g)
     labels = balanced_labels(num_images, data_config.get("num_classes") or 1, seed)
-    return _finish(SyntheticSet(images, labels, set_meta("gaussian", model, data_config, seed)), out)
+    return _finish(CalibrationSet(images, labels, set_meta("gaussian", model, data_config, seed)), out)
 
 
 def _ignored(source: str, settings: dict) -> None:
@@ -143,7 +143,7 @@ def _ignored(source: str, settings: dict) -> None:
         _logger.warning("calibration source '%s' ignores the synthesis setting(s): %s", source, ", ".join(changed))
 
 
-def real_images(model, data_config, num_images, seed, out, device, folder: Path, **settings) -> SyntheticSet:
+def real_images(model, data_config, num_images, seed, out, device, folder: Path, **settings) -> CalibrationSet:
     """Baseline: ``num_images`` real images drawn (seeded) from a labelled folder, with the model's eval transform."""
     from ..data import ImageFolderDataset, create_eval_transform
 
@@ -156,10 +156,10 @@ def real_images(model, data_config, num_images, seed, out, device, folder: Path,
     labels = torch.tensor([p[1] for p in pairs])
     meta = set_meta("real", model, data_config, seed)
     meta["folder"] = str(folder)
-    return _finish(SyntheticSet(images, labels, meta), out)
+    return _finish(CalibrationSet(images, labels, meta), out)
 
 
-def _finish(result: SyntheticSet, out: str | Path | None) -> SyntheticSet:
+def _finish(result: CalibrationSet, out: str | Path | None) -> CalibrationSet:
     if out is not None:
         result.save(out)
     return result

@@ -1,4 +1,4 @@
-"""SyntheticCalibrator: calibration images synthesised from a model's BatchNorm statistics (GZNQ)."""
+"""Synthesiser: calibration images synthesised from a model's BatchNorm statistics (GZNQ)."""
 
 import contextlib
 import logging
@@ -21,8 +21,8 @@ from ._bn import BN_LOSSES, BNStatistics, check_bn_statistics, find_bn_layers
 from ._set import (
     MANIFEST,
     PREVIEW,
+    CalibrationSet,
     SetMismatch,
-    SyntheticSet,
     check_compatible,
     own_manifest,
     read_shard_meta,
@@ -34,7 +34,7 @@ from ._set import (
     write_shard,
 )
 
-__all__ = ["SynthesisConfig", "SyntheticCalibrator", "balanced_labels"]
+__all__ = ["SynthesisConfig", "Synthesiser", "balanced_labels"]
 
 
 def _distributed() -> tuple[int, int]:
@@ -123,7 +123,7 @@ def balanced_labels(num_images: int, num_classes: int, seed: int, group: int = 1
     return per_slot.repeat_interleave(group)[:num_images]
 
 
-class SyntheticCalibrator:
+class Synthesiser:
     """Synthesise a calibration set for ``model`` from its BatchNorm statistics alone.
 
     Each batch of images is optimised so that the per-channel distribution of every BN layer's input matches the
@@ -143,7 +143,7 @@ class SyntheticCalibrator:
 
     Example::
 
-        calib = SyntheticCalibrator(model, num_images=256, iterations=200, seed=0).generate("calib/")
+        calib = Synthesiser(model, num_images=256, iterations=200, seed=0).generate("calib/")
         for images, labels in calib.loader(batch_size=32): ...
     """
 
@@ -194,7 +194,7 @@ class SyntheticCalibrator:
 
     def generate(
         self, out: str | Path | None = None, overwrite: bool = False, show_progress: bool = True
-    ) -> SyntheticSet:
+    ) -> CalibrationSet:
         """Synthesise the set; with ``out``, stream each finished batch to disk and resume from what is there.
 
         Under ``torchrun`` (an initialised ``torch.distributed`` group) the batches are split across the ranks;
@@ -245,12 +245,12 @@ class SyntheticCalibrator:
             manifest["batches"] = summaries
             manifest["restarts"] = sum(s["restarts"] for s in summaries)
             manifest["synthesis_seconds"] = round(sum(s["seconds"] for s in summaries), 3)
-            return SyntheticSet(torch.cat(images), labels, manifest)
+            return CalibrationSet(torch.cat(images), labels, manifest)
         _barrier(world)
         if rank == 0:
             self._finish_folder(work, folder, manifest)
         _barrier(world)
-        return SyntheticSet.load(folder)
+        return CalibrationSet.load(folder)
 
     # -- internals ----------------------------------------------------------------------------------------------
 
@@ -259,7 +259,7 @@ class SyntheticCalibrator:
 
     def _open_folder(
         self, folder: Path, manifest: dict, overwrite: bool, write: bool = True
-    ) -> tuple[Path, SyntheticSet | None]:
+    ) -> tuple[Path, CalibrationSet | None]:
         """Where to write this set's shards, and the set itself when ``folder`` already holds it complete.
 
         The same set, unfinished, is resumed in place. A different set bzq wrote is replaced only with
@@ -284,7 +284,7 @@ class SyntheticCalibrator:
                 check_compatible(old, folder, self.model, self.data_config)
                 if write and staging.exists():
                     shutil.rmtree(staging)
-                return folder, SyntheticSet.load(folder)
+                return folder, CalibrationSet.load(folder)
             work = folder
         elif not overwrite:
             raise SetMismatch(
@@ -319,7 +319,7 @@ class SyntheticCalibrator:
             for b in batches
         ]
         manifest["complete"] = True
-        result = SyntheticSet.load_unchecked(work, manifest)
+        result = CalibrationSet.load_unchecked(work, manifest)
         save_preview(result.images, manifest, work / PREVIEW)
         for leftover in work.glob(".shard-*.tmp*"):  # from a process killed mid-write
             leftover.unlink()
@@ -480,3 +480,6 @@ class SyntheticCalibrator:
                 x[..., top : top + ch, left : left + cw], size=(h, w), mode="bilinear", align_corners=False
             )
         return x
+
+
+SyntheticCalibrator = Synthesiser  # the name before 0.2 (it generates; the toolkits calibrate)

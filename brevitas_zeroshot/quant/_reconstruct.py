@@ -1,0 +1,314 @@
+"""Block reconstruction for the Brevitas backend (BRECQ-style), after calibration.
+
+Block by block, in network order, learn (a) each weight's rounding (AdaRound: a soft rounding annealed to hard
+decisions, through Brevitas's learned-round quantizer) and (b) the activation quantizers' step sizes (LSQ), so that
+the quantized block, fed the quantized network's input to it, reproduces the float block's output on the float
+network's input to it. The hard roundings are then written back as the layers' weights and the quantizers restored,
+so the model keeps the state dict (and the reload and ONNX paths) of a plain Brevitas model.
+
+Units: in graph (FX) mode the graph is cut where one value carries everything forward (between residual blocks,
+around the head), consecutive cuts inside one module block are merged; in layerwise mode each quantized layer is
+a unit.
+"""
+
+import contextlib
+import copy
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._utils import progress
+
+__all__ = ["ReconstructionConfig", "reconstruct"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconstructionConfig:
+    iterations: int = 300  # optimisation steps per unit
+    batch_size: int = 32
+    round_lr: float = 1e-2
+    scale_lr: float = 4e-5  # LSQ step sizes (QDrop's setting)
+    round_weight: float = 0.01  # AdaRound's regulariser weight
+    learn_scales: bool = True
+    seed: int = 0
+
+
+def _value(x):
+    return x.value if hasattr(x, "value") and not isinstance(x, torch.Tensor) else x
+
+
+# -- units ------------------------------------------------------------------------------------------------------
+
+
+class _Unit:
+    """A part of the network run on its own: ``q`` (quantized) and ``f`` (float) callables and its layers."""
+
+    def __init__(self, name: str, q: nn.Module, f: nn.Module, layers: list[nn.Module], shared: set[int]):
+        self.name, self.q, self.f, self.layers = name, q, f, layers
+        self.shared = shared  # ids of parameters also used outside the unit (a quantizer shared across a residual)
+
+
+def _fx_units(qmodel, fmodel) -> list[_Unit] | None:
+    """Cut the graph where a single value carries everything forward; None when it cannot be cut into a chain."""
+    from brevitas.fx import Graph, GraphModule
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantLayer
+
+    nodes = list(qmodel.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in nodes}
+    modules = dict(qmodel.named_modules())
+    cuts, live = [], set()
+    for i, n in enumerate(nodes):  # a cut: the only value defined so far that is still needed is this node's
+        if n.op != "get_attr":
+            live = {m for m in live | {n} if last_use[m] > i}
+        if live == {n}:
+            cuts.append(i)
+    if nodes[-1].op != "output":
+        return None
+
+    def compute(lo: int, hi: int) -> list[str]:
+        return [
+            str(nodes[j].target)
+            for j in range(lo + 1, hi + 1)
+            if nodes[j].op == "call_module" and isinstance(modules.get(nodes[j].target), QuantLayer)
+        ]
+
+    spans, carry = [], None
+    for a, b in zip(cuts, cuts[1:], strict=False):  # a piece without a layer joins the unit before it
+        if not compute(a, b):
+            if spans:
+                spans[-1] = (spans[-1][0], b)
+            elif carry is None:
+                carry = a
+            continue
+        spans.append((a if carry is None else carry, b))
+        carry = None
+    if not spans:
+        return None
+    spans[-1] = (spans[-1][0], len(nodes) - 2)  # the tail (after the last layer) joins the last unit
+    merged = [spans[0]]
+    for lo, hi in spans[1:]:  # consecutive cuts inside one module block (a block without a shortcut) join
+        prev = compute(*merged[-1])
+        if prev and compute(lo, hi) and prev[-1].rsplit(".", 1)[0] == compute(lo, hi)[0].rsplit(".", 1)[0]:
+            merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+
+    def sub(root, lo: int, hi: int) -> GraphModule:
+        graph, env = Graph(), {}
+        env[nodes[lo]] = graph.placeholder("x")
+        for j in range(lo + 1, hi + 1):
+            for arg in nodes[j].all_input_nodes:
+                if arg not in env:
+                    if arg.op != "get_attr":
+                        raise ValueError(f"unit input {arg.name} is not the cut value")
+                    env[arg] = graph.node_copy(arg, lambda a: env[a])
+            env[nodes[j]] = graph.node_copy(nodes[j], lambda a: env[a])
+        graph.output(env[nodes[hi]])
+        return GraphModule(root, graph)
+
+    called = [(position[n], n.target) for n in nodes if n.op == "call_module"]
+    units = []
+    for lo, hi in merged:
+        outside = {t for i, t in called if not lo < i <= hi}
+        shared = {id(p) for t in outside for p in modules[t].parameters()}
+        try:
+            layers = [modules[t] for t in compute(lo, hi)]
+            name = f"{nodes[lo + 1].name}..{nodes[hi].name}"
+            units.append(_Unit(name, sub(qmodel, lo, hi), sub(fmodel, lo, hi), layers, shared))
+        except ValueError as e:
+            _logger.warning("cannot cut the graph into blocks (%s); reconstructing layer by layer", e)
+            return None
+    return units
+
+
+def _layer_units(qmodel, fmodel) -> list[_Unit]:
+    """One unit per quantized layer (layerwise mode: each layer quantizes its own input)."""
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantLayer
+
+    floats = dict(fmodel.named_modules())
+    return [_Unit(n, m, floats[n], [m], set()) for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _inputs(model: nn.Module, module: nn.Module, images: list[torch.Tensor]) -> list:
+    """What ``module`` receives when ``model`` runs over ``images`` (each forward stops there)."""
+    seen = []
+
+    def hook(_, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for x in images:
+            with contextlib.suppress(_Stop):
+                model(x)
+    finally:
+        handle.remove()
+    return seen
+
+
+# -- learned rounding and step sizes ------------------------------------------------------------------------------
+
+
+def _insert_learned_round(layers: list[nn.Module]) -> list[tuple[nn.Module, object]]:
+    """AdaRound quantizers (Brevitas's hard-sigmoid learned round) in ``layers``; returns what to restore."""
+    from brevitas.inject.enum import FloatToIntImplType, LearnedRoundImplType
+
+    saved = []
+    for layer in layers:
+        with torch.no_grad():
+            ratio = layer.weight / layer.quant_weight().scale
+            delta = ratio - torch.floor(ratio)
+            init = -torch.log((1.1 + 0.1) / (delta + 0.1) - 1)  # h(init) = delta: start from the float weight
+        saved.append((layer, layer.weight_quant.quant_injector))
+        layer.weight_quant.quant_injector = layer.weight_quant.quant_injector.let(
+            float_to_int_impl_type=FloatToIntImplType.LEARNED_ROUND,
+            learned_round_impl_type=LearnedRoundImplType.HARD_SIGMOID,
+            learned_round_init=init,
+            learned_round_zeta=1.1,
+            learned_round_gamma=-0.1,
+        )
+        layer.weight_quant.init_tensor_quant(preserve_state_dict=True)
+    return saved
+
+
+def _round_modules(layers: list[nn.Module]) -> list[nn.Module]:
+    from brevitas.core.function_wrapper.learned_round import LearnedRoundSte
+
+    return [m for layer in layers for m in layer.modules() if isinstance(m, LearnedRoundSte)]
+
+
+@torch.no_grad()
+def _bake(saved: list[tuple[nn.Module, object]]) -> None:
+    """Write the hard roundings back as the weights and restore round-to-nearest quantizers."""
+    for layer, injector in saved:
+        rounding = _round_modules([layer])
+        for m in rounding:
+            m.eval()
+        weight = layer.quant_weight().value.detach().clone()
+        layer.weight.copy_(weight)
+        state = {k: v for k, v in layer.weight_quant.state_dict().items() if "float_to_int_impl" not in k}
+        layer.weight_quant.quant_injector = injector
+        layer.weight_quant.init_tensor_quant(preserve_state_dict=False)
+        layer.weight_quant.load_state_dict(state, strict=False)
+
+
+def _scale_parameters(unit: nn.Module) -> list[nn.Parameter]:
+    """The activation quantizers' learnable step sizes in ``unit`` (set by calibration)."""
+    return [
+        p
+        for name, p in unit.named_parameters()
+        if "act_quant" in name and "scaling_impl" in name and name.endswith("value")
+    ]
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
+
+
+def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: ReconstructionConfig, rng, bar) -> dict:
+    """Learn ``unit``'s roundings (and step sizes) so ``unit.q(inputs_q)`` matches ``targets``."""
+    saved = _insert_learned_round(unit.layers)
+    rounding = _round_modules(unit.layers)
+    groups = [{"params": [m.value for m in rounding], "lr": config.round_lr}]
+    scales = [p for p in _scale_parameters(unit.q) if id(p) not in unit.shared] if config.learn_scales else []
+    if scales:
+        groups.append({"params": scales, "lr": config.scale_lr})
+    frozen = [p for p in unit.q.parameters() if all(p is not q for g in groups for q in g["params"])]
+    grads = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in (q for g in groups for q in g["params"]):
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(groups)
+    warmup, iters = int(0.2 * config.iterations), config.iterations
+    before = _error(unit, inputs_q, targets)
+    kept = [layer.weight for layer in unit.layers] + scales
+    snapshot = [p.detach().clone() for p in kept]
+    unit.q.train()
+    for m in rounding:
+        m.train()
+    for step in range(iters):
+        i = rng.randrange(len(inputs_q))
+        rec = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2).flatten(1).sum(1).mean()
+        loss = rec
+        if step >= warmup and rounding:
+            beta = 20 - (20 - 2) * (step - warmup) / max(iters - warmup, 1)
+            h = torch.cat([m.learned_round_impl(m.value).flatten() for m in rounding])
+            loss = loss + config.round_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(1)
+    unit.q.eval()
+    _bake(saved)
+    for p, g in zip(frozen, grads, strict=True):
+        p.requires_grad_(g)
+    after = _error(unit, inputs_q, targets)
+    if after > before:  # never worse than round-to-nearest on the calibration images
+        with torch.no_grad():
+            for p, old in zip(kept, snapshot, strict=True):
+                p.copy_(old)
+        return {"unit": unit.name, "mse_before": before, "mse_after": before, "kept_rounding": True}
+    return {"unit": unit.name, "mse_before": before, "mse_after": after}
+
+
+@torch.no_grad()
+def _error(unit: _Unit, inputs_q: list, targets: list[torch.Tensor]) -> float:
+    unit.q.eval()
+    total = sum(
+        F.mse_loss(_value(unit.q(x)), t, reduction="sum").item() for x, t in zip(inputs_q, targets, strict=True)
+    )
+    return total / sum(t.numel() for t in targets)
+
+
+def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None = None) -> dict:
+    """Reconstruct every unit of the calibrated Brevitas model ``qmodel`` on ``batches``; returns a report."""
+    from brevitas.graph.calibrate import quantization_status_manager
+
+    config = config or ReconstructionConfig()
+    device = next(qmodel.parameters()).device
+    fmodel = copy.deepcopy(qmodel).eval()
+    float_mode = quantization_status_manager(fmodel, disable_act_quant=True, disable_weight_quant=True,
+                                             disable_bias_quant=True, is_training=False)  # fmt: skip
+    float_mode.__enter__()
+    try:
+        units = _fx_units(qmodel, fmodel) if hasattr(qmodel, "graph") else None
+        chained = units is not None  # graph units form a chain: each one's output is the next one's input
+        units = units or _layer_units(qmodel, fmodel)
+        images = [x.to(device) for x in _rebatch(batches, config.batch_size)]
+        xq, xf = images, images
+        rng = random.Random(config.seed)
+        report = {"mode": "blocks" if chained else "layers", "units": []}
+        bar = progress(total=len(units) * config.iterations, desc="reconstruction", unit="it")
+        for unit in units:
+            if not chained:
+                xq, xf = _inputs(qmodel, unit.q, images), _inputs(fmodel, unit.f, images)
+            with torch.no_grad():
+                targets = [_value(unit.f(x)).detach() for x in xf]
+            report["units"].append(_fit(unit, xq, targets, config, rng, bar))
+            if chained:
+                with torch.no_grad():
+                    xq = [unit.q(x) for x in xq]
+                xf = targets
+        bar.close()
+    finally:
+        float_mode.__exit__(None, None, None)
+    qmodel.eval()
+    return report
+
+
+def _rebatch(batches, batch_size: int) -> list[torch.Tensor]:
+    images = torch.cat(list(batches))
+    return list(images.split(batch_size))
