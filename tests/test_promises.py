@@ -403,3 +403,26 @@ def test_progress_bars_stay_out_of_redirected_logs(ckpt, tmp_path):
     args = ("--images", "8", "--batch-size", "8", "--iterations", "60")  # long enough for tqdm to draw frames
     done = run("generate", "cifar_resnet20", "--checkpoint", ckpt, "--out", tmp_path / "s", *args)
     assert done.returncode == 0 and "\r" not in done.stderr
+
+
+def test_two_processes_unpacking_one_archive_keep_the_first_copy(images, tmp_path, monkeypatch):
+    from brevitas_zeroshot.data import _folder, open_image_folder
+
+    monkeypatch.setenv("BZQ_CACHE", str(tmp_path / "cache"))
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(images, arcname="cifar")
+    first = open_image_folder(archive)  # the other process's copy, in use
+    (first.parent / ".complete").unlink()  # as seen before the other process finished: this one unpacks too
+    real_check = _folder._check_end_marker
+
+    def finished_meanwhile(*args):
+        real_check(*args)
+        (first.parent / ".complete").touch()  # ...and the other process completes first
+
+    monkeypatch.setattr(_folder, "_check_end_marker", finished_meanwhile)
+    marker = first / "class0" / "0.png"
+    inode = marker.stat().st_ino
+    again = open_image_folder(archive)
+    assert again == first and marker.stat().st_ino == inode  # the copy in use was not replaced
+    assert not list((tmp_path / "cache" / "folders").glob("*.tmp*"))

@@ -49,10 +49,13 @@ def open_image_folder(path: str | Path) -> Path:
             raise BzqError(
                 f"cannot unpack '{path}': {e}; the archive is damaged or truncated, fetch it again."
             ) from None
-        if cache.exists():
-            shutil.rmtree(cache)
-        tmp.rename(cache)
-        (cache / ".complete").touch()
+        (tmp / ".complete").touch()  # the cache appears complete or not at all
+        if cache.exists() and not (cache / ".complete").exists():
+            shutil.rmtree(cache, ignore_errors=True)  # left by a crash (older versions marked it afterwards)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process unpacked the same archive first: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
     entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else cache
 
