@@ -52,7 +52,7 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
         peer = []
     config = QualityBenchConfig(
         tasks=["cifar_resnet20:tune"],
-        schemes=["brevitas-w4a4", "pt2e-w8a8"],
+        schemes=["brevitas-w4a4[reconstruct_iters=3]", "pt2e-w8a8"],
         sources=["real", "gznq", *peer],
         seeds=[0, 1],
         images=8,
@@ -67,7 +67,7 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
     assert all(c["synthesis_seconds"] > 0 for c in cells if c["source"] != "real")
     assert all(c["bn_loss_trace"] for c in cells if c["source"] == "gznq")
     table = (tmp_path / "results.md").read_text()
-    assert "| brevitas-w4a4 | gznq | 2 |" in table and "±" in table
+    assert "| brevitas-w4a4[reconstruct_iters=3] | gznq | 2 |" in table and "±" in table
     assert json.loads((tmp_path / "results.json").read_text())["float"]["cifar_resnet20:tune"]["n"] == 50
 
     from brevitas_zeroshot.bench._plots import write_plots
