@@ -193,7 +193,7 @@ class CalibrationSet(Dataset):
         return cls.load_unchecked(folder, manifest)
 
 
-SyntheticSet = CalibrationSet  # the name before 0.2; it also holds real images and noise
+SyntheticSet = CalibrationSet  # the earlier name; it also holds real images and noise
 
 
 class SetLoader:

@@ -482,4 +482,4 @@ class Synthesiser:
         return x
 
 
-SyntheticCalibrator = Synthesiser  # the name before 0.2 (it generates; the toolkits calibrate)
+SyntheticCalibrator = Synthesiser  # the earlier name (it generates; the toolkits calibrate)
