@@ -106,7 +106,7 @@ def save_quantized(
 def _count(calib) -> int | None:
     """Images in the calibration data, where it says."""
     data = getattr(calib, "dataset", calib)  # a DataLoader's length counts batches
-    return len(data) if isinstance(data, Dataset | CalibrationSet) and hasattr(data, "__len__") else None
+    return len(data) if isinstance(data, Dataset) and hasattr(data, "__len__") else None
 
 
 def load_quantized(source: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:

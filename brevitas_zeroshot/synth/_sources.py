@@ -82,7 +82,7 @@ def create_calibration_set(
     if kind == "registered":
         return _SOURCES[name](model, data_config, num_images, seed, out, device, **settings)
     if kind == "set":
-        _ignored("a saved set", {k: v for k, v in settings.items() if k != "overwrite"})
+        _ignored("a saved set", settings)
         return CalibrationSet.load(name, model=model, data_config=data_config)
     return real_images(model, data_config, num_images, seed, out, device, folder=Path(name), **settings)
 
@@ -136,7 +136,7 @@ def gaussian(model, data_config, num_images, seed, out, device, **settings) -> C
 def _ignored(source: str, settings: dict) -> None:
     """Say which synthesis settings a source does not use, when they differ from the defaults."""
     defaults = asdict(SynthesisConfig())
-    changed = sorted(k for k, v in settings.items() if k in defaults and v != defaults[k] and k != "overwrite")
+    changed = sorted(k for k, v in settings.items() if k in defaults and v != defaults[k])  # not overwrite
     fixed = ZEROQ_SETTINGS if source == "zeroq" else {}
     changed = [k for k in changed if fixed.get(k) != settings[k]]
     if changed:
@@ -147,7 +147,7 @@ def real_images(model, data_config, num_images, seed, out, device, folder: Path,
     """Baseline: ``num_images`` real images drawn (seeded) from a labelled folder, with the model's eval transform."""
     from ..data import ImageFolderDataset, create_eval_transform
 
-    _ignored("real images", {k: v for k, v in settings.items() if k != "overwrite"})
+    _ignored("real images", settings)
     dataset = ImageFolderDataset(folder, create_eval_transform(data_config))
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g)[:num_images].sort().values
