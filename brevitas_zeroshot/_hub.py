@@ -129,6 +129,7 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
     return {
         "repo_id": repo_id,
         "model": meta["model"],
+        "onnx": _onnx_statement(meta),
         "base": origin,
         "scheme": scheme,
         "calibration": described,
@@ -137,6 +138,22 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         "files": ", ".join(f"`{v}`" for v in meta.get("files", {}).values() if v),
         "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
     }
+
+
+def _onnx_statement(meta: dict) -> str:
+    """What the card says of ``model.onnx``: its measured parity with the quantized PyTorch model."""
+    if "onnx" not in meta.get("files", {}) or not meta["files"]["onnx"]:
+        return ""
+    parity = meta.get("report", {}).get("onnx_parity")
+    if parity is None:
+        return "\n`model.onnx` (ONNX QCDQ) was **not checked** against the quantized PyTorch model.\n"
+    verdict = "matches" if parity.get("passed") else "**does not match**"
+    return (
+        f"\n`model.onnx` (ONNX QCDQ, 8-bit integer weights) {verdict} the quantized PyTorch model in "
+        f"{parity.get('runtime', 'onnxruntime')} on {parity.get('images')} calibration images: predicted class "
+        f"agreement {parity.get('agreement')} %, median / max |difference| {parity.get('median_abs_diff')} / "
+        f"{parity.get('max_abs_diff')} logits (largest logit {parity.get('max_abs_logit')}).\n"
+    )
 
 
 _TEMPLATE = """---
@@ -162,7 +179,7 @@ Calibration: {{ calibration }}.
 
 Files: {{ files }}, `quant_config.json` (the full quantization config), `calibration/` (the synthetic set's
 manifest and a preview grid; the images themselves are not included). Library versions: {{ versions }}.
-
+{{ onnx }}
 ## How to load it
 
 ```python
@@ -217,13 +234,35 @@ def _is_own_stage(stage: Path) -> bool:
     return "brevitas-zeroshot" in (stage / _CARD).read_text(errors="replace")
 
 
-def stage_upload(folder: str | Path, stage: str | Path, repo_id: str) -> list[Path]:
+def _check_onnx(folder: Path, meta: dict, allow_unchecked: bool) -> None:
+    """Refuse a ``model.onnx`` whose parity with the quantized model failed or was never checked."""
+    if not (folder / "model.onnx").exists() or allow_unchecked:
+        return
+    parity = meta.get("report", {}).get("onnx_parity")
+    if parity is None:
+        problem = "was never checked against the quantized model (made by an earlier bzq)"
+    elif not parity.get("passed"):
+        problem = (
+            f"failed its parity check (top-1 agreement {parity.get('agreement')} %, median |diff| "
+            f"{parity.get('median_abs_diff')} logits)"
+        )
+    else:
+        return
+    raise BzqError(
+        f"'{folder / 'model.onnx'}' {problem}; rerun `bzq quantize`, or pass --allow-unchecked-onnx to publish it "
+        "anyway (the card will say so)."
+    )
+
+
+def stage_upload(folder: str | Path, stage: str | Path, repo_id: str, allow_unchecked_onnx: bool = False) -> list[Path]:
     """Write into ``stage`` exactly what ``push_to_hub`` uploads; returns the files, relative to ``stage``.
 
-    An existing ``stage`` is replaced only when it holds nothing but an earlier upload staged by bzq.
+    An existing ``stage`` is replaced only when it holds nothing but an earlier upload staged by bzq. A
+    ``model.onnx`` that failed (or never had) its parity check is refused unless ``allow_unchecked_onnx``.
     """
     folder, stage = Path(folder), Path(stage)
     card = model_card(folder, repo_id)  # fails on a folder that is not a quantized model before anything is written
+    _check_onnx(folder, _read(folder, QUANT_CONFIG), allow_unchecked_onnx)
     if stage.exists() and not (stage.is_dir() and _is_own_stage(stage)):
         raise BzqError(
             f"'{stage}' exists and holds files bzq did not stage; bzq never replaces files it did not write: "
@@ -251,7 +290,12 @@ def stage_upload(folder: str | Path, stage: str | Path, repo_id: str) -> list[Pa
 
 
 def push_to_hub(
-    folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False, stage: str | Path | None = None
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    dry_run: bool = False,
+    stage: str | Path | None = None,
+    allow_unchecked_onnx: bool = False,
 ) -> str:
     """Publish a ``bzq quantize`` folder to ``repo_id``; returns the commit URL (or, with ``dry_run``, the stage).
 
@@ -260,12 +304,12 @@ def push_to_hub(
     folder = Path(folder)
     if dry_run:
         target = Path(stage) if stage else folder.with_name(folder.name + ".hub")
-        stage_upload(folder, target, repo_id)
+        stage_upload(folder, target, repo_id, allow_unchecked_onnx)
         return str(target)
     from huggingface_hub import create_repo, upload_folder
 
     with tempfile.TemporaryDirectory(prefix="bzq-push-") as tmp:
-        stage_upload(folder, Path(tmp) / "upload", repo_id)
+        stage_upload(folder, Path(tmp) / "upload", repo_id, allow_unchecked_onnx)
         try:
             create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             commit = upload_folder(

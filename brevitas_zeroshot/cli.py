@@ -348,13 +348,20 @@ def push(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Write the exact upload folder (FOLDER.hub) and print its tree.")
     ] = False,
+    allow_unchecked_onnx: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unchecked-onnx",
+            help="Publish a model.onnx whose parity check failed or never ran (the card says so).",
+        ),
+    ] = False,
 ) -> None:
     """Publish a quantized model to the Hugging Face Hub with a generated model card (token: HF_TOKEN or login)."""
     from ._hub import push_to_hub
 
     if "/" not in repo_id or repo_id.count("/") != 1:
         raise BzqError(f"--repo-id must be USER/NAME, not '{repo_id}'.")
-    where = push_to_hub(folder, repo_id, private=private, dry_run=dry_run)
+    where = push_to_hub(folder, repo_id, private=private, dry_run=dry_run, allow_unchecked_onnx=allow_unchecked_onnx)
     if dry_run:
         print(f"would upload to {repo_id} (dry run, nothing sent): {where}")
         for path in sorted(Path(where).rglob("*")):

@@ -149,3 +149,33 @@ def test_dry_run_writes_the_exact_upload(quantized_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     stage = quantized_dir.with_name(quantized_dir.name + ".hub")
     assert (stage / "README.md").exists() and "README.md" in result.stdout and "model.pt2" in result.stdout
+
+
+def test_push_refuses_an_onnx_file_that_failed_its_parity_check(tmp_path):
+    from conftest import random_r20
+
+    from brevitas_zeroshot._pipeline import PipelineConfig, run_pipeline
+
+    model, _ = random_r20()
+    torch.save(model.state_dict(), tmp_path / "r20.pth")
+    out = tmp_path / "q"
+    config = PipelineConfig(
+        model="cifar_resnet20", out=out, calib="gaussian", checkpoint=tmp_path / "r20.pth", images=8
+    )
+    run_pipeline(config, command="bzq quantize cifar_resnet20 --calib gaussian")
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["report"]["onnx_parity"]["passed"]
+    args = ["push", str(out), "--repo-id", REPO, "--dry-run"]
+    checked = _bzq(args, "http://127.0.0.1:9", tmp_path / "hf")
+    assert checked.returncode == 0, checked.stderr
+    assert "`model.onnx` (ONNX QCDQ, 8-bit integer weights) matches" in (tmp_path / "q.hub" / "README.md").read_text()
+
+    meta["report"]["onnx_parity"].update(passed=False, agreement=40.0)  # as a failed check records it
+    (out / "quant_config.json").write_text(json.dumps(meta))
+    shutil.rmtree(tmp_path / "q.hub")
+    refused = _bzq(args, "http://127.0.0.1:9", tmp_path / "hf")
+    assert refused.returncode == 1 and "failed its parity check" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "q.hub").exists()
+    forced = _bzq([*args, "--allow-unchecked-onnx"], "http://127.0.0.1:9", tmp_path / "hf")
+    assert forced.returncode == 0, forced.stderr
+    assert "**does not match**" in (tmp_path / "q.hub" / "README.md").read_text()

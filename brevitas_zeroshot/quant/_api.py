@@ -64,15 +64,16 @@ def save_quantized(
 ) -> Path:
     """Write the quantized model (the backend's files), ``quant_config.json`` and the calibration set's manifest.
 
-    ``qmodel`` itself is left as it is. An export that fails is recorded in ``report["failed_steps"]``; one that
-    cannot run (a package missing) in ``report["notes"]``.
+    ``qmodel`` itself is left as it is. An export that fails, or whose parity check with ``qmodel`` fails, is
+    recorded in ``report["failed_steps"]``; one that cannot run (a package missing) in ``report["notes"]``.
     """
     from ..synth._set import MANIFEST, save_preview, write_manifest
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     batches = as_batches(calib)
-    example = batches.example(2).to(next(iter(qmodel.parameters()), torch.empty(0)).device)
+    # up to 32 calibration images: the export's example, and the images an export's parity is checked on
+    example = batches.example(32).to(next(iter(qmodel.parameters()), torch.empty(0)).device)
     files = backend_for(config).save(qmodel, out, example, report, export_onnx)
     calib_meta = {k: v for k, v in getattr(calib, "meta", {}).items() if k != "folder"}  # never a path to real data
     calib_meta.setdefault("source", "user data")

@@ -15,6 +15,7 @@ from torch import nn
 from .._errors import BzqError
 from .._files import write_atomic
 from .._utils import progress
+from ._onnx import export_qcdq, onnx_parity
 from ._reconstruct import ReconstructionConfig, reconstruct
 from ._registry import as_batches, register_backend
 
@@ -370,27 +371,31 @@ def _save(qmodel: nn.Module, out: Path, example: torch.Tensor, report: dict, exp
 
 
 def _export_onnx(qmodel: nn.Module, example: torch.Tensor, path: Path, report: dict) -> str | None:
-    """ONNX QCDQ export of a CPU copy of ``qmodel``; a failure is recorded, not raised (the safetensors state is the
-    reference), and leaves no file."""
+    """ONNX QCDQ export of a CPU copy of ``qmodel``, then its parity with ``qmodel`` on ``example`` in onnxruntime
+    (``report["onnx_parity"]``). A failure is recorded in ``report["failed_steps"]``, not raised (the safetensors
+    state is the reference); a failed export leaves no file."""
     try:
-        from brevitas.export import export_onnx_qcdq
+        import onnxruntime  # noqa: F401
+        from brevitas.export import export_onnx_qcdq  # noqa: F401
     except ImportError as e:
         report.setdefault("notes", []).append(
             f"ONNX export skipped: {e} (pip install 'brevitas-zeroshot[export]', or pass --no-onnx)"
         )
         return None
+    model = copy.deepcopy(qmodel).cpu()
     try:
-        model = copy.deepcopy(qmodel).cpu()
-        write_atomic(
-            path,
-            lambda tmp: export_onnx_qcdq(
-                model, args=example.cpu()[:1], export_path=str(tmp), opset_version=17, dynamo=False
-            ),
-        )
-        return path.name
+        write_atomic(path, lambda tmp: export_qcdq(model, example.cpu(), tmp))
     except Exception as e:  # an operator the exporter does not know, a full disk...
         report.setdefault("failed_steps", []).append(f"ONNX export: {type(e).__name__}: {str(e)[:200]}")
         return None
+    report["onnx_parity"] = parity = onnx_parity(model, path, example)
+    if not parity["passed"]:
+        report.setdefault("failed_steps", []).append(
+            f"ONNX parity: {path.name} differs from the Brevitas model in onnxruntime (top-1 agreement "
+            f"{parity.get('agreement')} %, median |diff| {parity.get('median_abs_diff')}); `bzq push` will not "
+            "publish it"
+        )
+    return path.name
 
 
 def _load(folder: Path, meta: dict) -> nn.Module:

@@ -1,0 +1,124 @@
+"""ONNX QCDQ export that onnxruntime runs as Brevitas does, on every x86 CPU, and the check that it does.
+
+onnxruntime fuses QuantizeLinear/DequantizeLinear pairs around a Conv or Gemm into integer kernels. For uint8
+activations and int8 weights, x86 CPUs without VNNI run a kernel that adds pairs of u8×s8 products in 16 bits and
+saturates (255 × 127 × 2 > 32767), so an 8-bit layer's answers change. Stored as uint8 with zero point 128, the same
+integer weights select the u8×u8 kernels, which are exact everywhere (onnxruntime's own `session.x64quantprecision`
+option does this conversion at load time, but fails on initialisers that Brevitas's export shares between layers).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["export_qcdq", "onnx_parity", "onnx_session"]
+
+INPUT, OUTPUT = "input", "logits"
+
+
+def export_qcdq(qmodel: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Write ``qmodel`` (a CPU Brevitas model) to ``path`` as ONNX QCDQ with a dynamic batch and uint8 weights."""
+    import onnx
+    from brevitas.export import export_onnx_qcdq
+
+    export_onnx_qcdq(
+        qmodel,
+        args=example[:1],
+        export_path=str(path),
+        opset_version=17,
+        dynamo=False,
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+    )
+    proto = onnx.load(str(path))
+    _weights_as_uint8(proto.graph)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def _weights_as_uint8(graph) -> int:
+    """Re-store every int8 weight (an initialiser, possibly clipped, then dequantized) as uint8 + 128, its clip bounds
+    and zero point with it; each DequantizeLinear gets its own zero point. Returns how many were converted."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def array(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    added, count = [], 0
+
+    def shifted(values: np.ndarray, name: str) -> str:
+        added.append(numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8), name))
+        return name
+
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        clip = producer.get(node.input[0])
+        clip = clip if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 else None
+        source = clip.input[0] if clip is not None else node.input[0]
+        weights, zero_point = array(source), array(node.input[2])
+        if weights is None or weights.dtype != np.int8 or zero_point is None or zero_point.dtype != np.int8:
+            continue  # an activation (its values come from a QuantizeLinear), or already unsigned
+        if clip is not None:
+            bounds = array(clip.input[1]), array(clip.input[2])
+            if any(b is None or b.dtype != np.int8 for b in bounds):
+                continue
+            clip.input[0] = shifted(weights, f"{source}_u8")
+            clip.input[1] = shifted(bounds[0], f"{clip.name}_min_u8")
+            clip.input[2] = shifted(bounds[1], f"{clip.name}_max_u8")
+        else:
+            node.input[0] = shifted(weights, f"{source}_u8")
+        node.input[2] = shifted(zero_point, f"{node.name}_zero_point_u8")
+        count += 1
+    graph.initializer.extend(added)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return count
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session with its default optimisations (what a user gets), optionally ``threads``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def onnx_parity(qmodel: nn.Module, path: str | Path, images: torch.Tensor) -> dict:
+    """Run ``images`` through the ONNX file in onnxruntime (default optimisations) and through ``qmodel``; compare.
+
+    ``passed`` when the predicted classes agree on at least 90 % of the images and the median |difference| of the
+    logits is at most 1 % of the largest logit: a rounding tie at one quantizer may move one image, a wrong export
+    or a saturating kernel moves them all.
+    """
+    import onnxruntime as ort
+
+    images = images.detach().float().cpu()
+    expected = qmodel.cpu()(images).float()
+    session = onnx_session(path)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]).float()
+    if got.shape != expected.shape:
+        return {"passed": False, "reason": f"output shape {tuple(got.shape)}, expected {tuple(expected.shape)}"}
+    diff = (got - expected).abs()
+    scale = expected.abs().max().clamp_min(1e-12)
+    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    return {
+        "passed": bool(agreement >= 0.9 and diff.median() <= 0.01 * scale),
+        "images": len(images),
+        "agreement": round(100 * agreement, 2),
+        "median_abs_diff": float(f"{diff.median():.3g}"),
+        "max_abs_diff": float(f"{diff.max():.3g}"),
+        "max_abs_logit": float(f"{scale:.3g}"),
+        "runtime": f"onnxruntime {ort.__version__} (CPU, default optimisations)",
+    }
