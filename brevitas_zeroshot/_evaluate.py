@@ -11,7 +11,7 @@ from ._utils import progress, resolve_device
 __all__ = ["evaluate"]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode: an Inductor-compiled PT2E program fails under it
 def evaluate(
     model: nn.Module,
     loader: Iterable,

@@ -135,9 +135,16 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         "calibration": described,
         "metrics": metrics,
         "command": public_command(results.get("command")) or "not recorded",
-        "files": ", ".join(f"`{v}`" for v in meta.get("files", {}).values() if v),
+        "files": ", ".join(f"`{v}`{_WHAT.get(v, '')}" for v in meta.get("files", {}).values() if v),
         "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
     }
+
+
+_WHAT = {  # what each file stores, said plainly on the card
+    "model.safetensors": " (the Brevitas state: float32 weights and the quantizers' scales, for `load_quantized`)",
+    "model.onnx": " (ONNX QCDQ: 8-bit integer weights, for onnxruntime and other ONNX runtimes)",
+    "model.pt2": " (the `torch.export` program with int8 weights; compile it with `torch.compile` for int8 kernels)",
+}
 
 
 def _onnx_statement(meta: dict) -> str:

@@ -130,8 +130,8 @@ def run_pipeline(config: PipelineConfig, command: str | None = None) -> dict:
     from ._utils import resolve_device
     from .data import create_loader
     from .models import load_model
+    from .quant import lower_quantized, save_quantized
     from .quant import quantize as quantize_model
-    from .quant import save_quantized
     from .synth._sources import check_source
 
     c, out = config, config.out
@@ -187,7 +187,8 @@ def run_pipeline(config: PipelineConfig, command: str | None = None) -> dict:
             result["eval_data"] = str(c.eval_data)
             try:
                 result["float"] = evaluate(net, loader, device=dev)
-                result["quantized"] = evaluate(qmodel, loader, reference=net, device=dev)
+                runnable, runtime = lower_quantized(qmodel, c.backend, next(iter(loader))[0].to(dev))
+                result["quantized"] = {**evaluate(runnable, loader, reference=net, device=dev), "runtime": runtime}
             except BzqError as e:  # e.g. an unreadable image: the model is still good, the scores are not there
                 result.pop("float", None)
                 result["failed_steps"].append(f"evaluation: {e}")

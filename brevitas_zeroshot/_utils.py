@@ -1,3 +1,5 @@
+import contextlib
+import functools
 import platform
 import sys
 
@@ -31,3 +33,35 @@ def library_versions() -> dict:
         "timm": timm.__version__,
         "python": platform.python_version(),
     }
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (``/proc/cpuinfo``; empty where it cannot be read)."""
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        return frozenset(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_int8_dot_product() -> bool:
+    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI): int8 kernels without it add pairs of u8 x s8
+    products in 16 bits and saturate on 8-bit activations."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def machine() -> dict:
+    """The CPU (model name and the flags that decide our kernels), threads, platform and GPU: recorded beside every
+    benchmark figure."""
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    info = {
+        "cpu": cpu,
+        "cpu_flags": [f for f in wanted if f in cpu_flags()],
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

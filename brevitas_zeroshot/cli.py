@@ -161,13 +161,14 @@ def eval_cmd(
     from ._utils import resolve_device
     from .data import create_loader
     from .models import load_model
-    from .quant import load_quantized
+    from .quant import load_quantized, lower_quantized
 
     dev = resolve_device(device)
-    reference = None
+    reference, runtime = None, {}
     if Path(model).is_dir() or (model.startswith("hf-hub:") and _is_quantized(model)):
         net, data_config = load_quantized(model)
-        if net.bzq_meta["quantization"]["backend"] != "pt2e":  # an exported program stays where it was saved
+        backend = net.bzq_meta["quantization"]["backend"]
+        if backend != "pt2e":  # an exported program stays where it was saved
             net.to(dev)
         reference, _ = load_model(net.bzq_meta["model"], checkpoint=checkpoint or net.bzq_meta.get("checkpoint"))
         reference.to(dev)
@@ -175,8 +176,10 @@ def eval_cmd(
         net, data_config = load_model(model, checkpoint=checkpoint)
         net.to(dev)
     loader = create_loader(data, data_config, batch_size=batch_size, workers=workers, limit=limit)
+    if reference is not None:  # the quantized model as it runs when deployed (a PT2E program: compiled)
+        net, runtime["runtime"] = lower_quantized(net, backend, next(iter(loader))[0].to(dev))
     result = evaluate(net, loader, reference=reference, device=dev)
-    _emit({"model": model, **result}, as_json, f"{model} on {data}")
+    _emit({"model": model, **result, **runtime}, as_json, f"{model} on {data}")
 
 
 @app.command()
@@ -331,7 +334,14 @@ def _quantize(config, as_json: bool, command: str) -> None:
             if key in result:
                 r = result[key]
                 extra = f"  agreement {r['agreement']:.2f}%  KL {r['kl']:.4f}" if "agreement" in r else ""
+                extra += f"  [{r['runtime']}]" if "runtime" in r else ""
                 print(f"  {key:>9}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (n={r['n']}){extra}")
+        parity = result["report"].get("onnx_parity")
+        if parity and parity.get("passed"):
+            print(
+                f"  model.onnx: matches in {parity['runtime']} on {parity['images']} calibration images "
+                f"(max |diff| {parity['max_abs_diff']} logits)"
+            )
         for note in result["report"].get("notes", []):
             print(f"  note: {note}")
     if result["failed_steps"]:
@@ -464,6 +474,55 @@ def bench_synthesis(
         net, data_config, batch_size=batch_size, steps=steps, repeats=repeats, device=device, peer=peer
     )
     _emit(result, as_json, f"synthesis benchmark for {model}")
+
+
+@bench_app.command("latency")
+def bench_latency_cmd(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `bzq quantize`.")],
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved timings; medians are reported.")] = 10,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="CPU threads (torch and onnxruntime).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Float against quantized latency in the runtime the model deploys to (compiled PyTorch; onnxruntime), and the
+    file sizes: one run, ratios."""
+    from .bench import bench_latency
+
+    result = bench_latency(folder, batch_size=batch_size, repeats=repeats, threads=threads)
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"{result['model']} {result['backend']} {result['scheme']}, batch {batch_size}, {result['machine']['cpu']}")
+    for row in result["rows"]:
+        print(
+            f"  {row['runtime']:<38} float {row['float_ms']:9.1f} ms  quantized {row['quantized_ms']:9.1f} ms  "
+            f"speed-up {row['speedup']:.2f}x"
+        )
+    if result["sizes"]:
+        s = result["sizes"]
+        print(
+            f"  {s['file']}: {s['quantized_bytes']:,} bytes, {100 * s['ratio']:.1f} % of float ({s['float_bytes']:,})"
+        )
+    for note in result["notes"]:
+        print(f"  note: {note}")
+
+
+@bench_app.command("zoo")
+def bench_zoo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder for models/NAME.json, zoo.json, zoo.md (resumable).")],
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="timm name, or NAME@SIDE for the input size (default: the zoo).")
+    ] = None,
+    timeout: Annotated[int, typer.Option("--timeout", min=10, help="Seconds per model.")] = 300,
+) -> None:
+    """Which timm architectures pass synthesis, Brevitas W8A8/W4A4 (+ ONNX parity), PT2E W8A8 (not a test)."""
+    from .bench._zoo import ZooBenchConfig, bench_zoo
+
+    config = ZooBenchConfig(timeout_s=timeout, **({"models": model} if model else {}))
+    bench_zoo(config, out)
+    print((out / "zoo.md").read_text())
 
 
 @bench_app.command("quality")

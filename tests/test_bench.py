@@ -87,3 +87,39 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
     again = bench_quality(config, tmp_path)
     assert len(again["cells"]) == len(cells) and files[0].exists()
     assert all(p.stat().st_mtime_ns == stamps[p] for p in files[1:])
+
+
+@pytest.mark.parametrize("backend", ["pt2e", "brevitas"])
+def test_latency_bench_times_the_deployed_runtime_and_sizes(backend, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import random_r20
+
+    from brevitas_zeroshot._pipeline import PipelineConfig, run_pipeline
+
+    model, _ = random_r20()
+    torch.save(model.state_dict(), tmp_path / "r20.pth")
+    out = tmp_path / backend
+    config = PipelineConfig(
+        model="cifar_resnet20", out=out, backend=backend, calib="gaussian", checkpoint=tmp_path / "r20.pth", images=8
+    )
+    run_pipeline(config)
+    done = subprocess.run(
+        [sys.executable, "-m", "brevitas_zeroshot", "bench", "latency", str(out), "--batch-size", "4", "--repeats", "2"]
+        + ["--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    runtimes = [row["runtime"] for row in result["rows"]]
+    deployed = "inductor (torch.compile)" if backend == "pt2e" else "onnxruntime (default optimisations)"
+    assert runtimes == ["pytorch eager", deployed]
+    assert all(row["float_ms"] > 0 and row["quantized_ms"] > 0 for row in result["rows"])
+    sizes = result["sizes"]
+    assert sizes["file"] == ("model.pt2" if backend == "pt2e" else "model.onnx")
+    # int8 weights on disk: the 0.27 M float32 weights of ResNet-20 take 1.1 MB, their int8 copies 0.27 MB
+    assert sizes["quantized_bytes"] < 0.6 * sizes["float_bytes"]

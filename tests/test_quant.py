@@ -297,3 +297,21 @@ def test_reconstruction_lowers_block_errors_reloads_and_exports(resnet20, graph,
     onnx = torch.cat([torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x[i : i + 1].numpy()})[0])
                       for i in range(8)])  # fmt: skip
     assert (onnx.argmax(1) == got[:8].argmax(1)).float().mean() >= 0.75
+
+
+def test_pt2e_compiled_program_agrees_with_eager_on_this_cpu(resnet20):
+    from brevitas_zeroshot._utils import has_int8_dot_product
+    from brevitas_zeroshot.quant import lower_quantized
+
+    model, cfg = resnet20
+    calib = create_calibration_set("gaussian", model, cfg, num_images=32)
+    qmodel, report = quantize(model, calib, PT2EConfig())
+    # x86 int8 kernels saturate on the full 0..255 activation range without VNNI: the range is chosen by the CPU
+    assert report["activation_range"] == ("0..255" if has_int8_dot_product() else "0..127")
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    compiled, runtime = lower_quantized(qmodel, "pt2e", x)
+    assert runtime == "inductor"
+    with torch.no_grad():
+        eager, fast = qmodel(x), compiled(x)
+    assert (eager.argmax(1) == fast.argmax(1)).float().mean() >= 0.9
+    assert (eager - fast).abs().median() <= 0.05 * eager.abs().max()

@@ -7,7 +7,6 @@ calibration set is saved, so an interrupted run resumes where it stopped and a s
 import contextlib
 import json
 import logging
-import platform
 import re
 import statistics
 import time
@@ -15,12 +14,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
-import torch
 import yaml
 
 from .._errors import BzqError
 from .._evaluate import evaluate
-from .._utils import library_versions, resolve_device
+from .._utils import library_versions, machine, resolve_device
 from ..data import create_loader
 from ..models import load_model
 from ..quant import quantize
@@ -82,16 +80,6 @@ def make_scheme(spec: str):
 
 def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec).strip("_")
-
-
-def _machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _calibration_set(source: str, net, data_config, calib_folder: Path, folder: Path, seed: int, cfg, device):
@@ -178,7 +166,7 @@ def collect(out: Path, config: QualityBenchConfig | None = None) -> dict:
     }
     results = {
         "date": date.today().isoformat(),
-        "machine": _machine(),
+        "machine": machine(),
         "versions": {**library_versions(), **_more_versions()},
         "config": asdict(config) if config else None,
         "float": floats,

@@ -1,4 +1,5 @@
 from ._api import load_quantized as load_quantized
+from ._api import lower_quantized as lower_quantized
 from ._api import quantize as quantize
 from ._api import save_quantized as save_quantized
 from ._brevitas import BrevitasConfig as BrevitasConfig
@@ -13,6 +14,7 @@ __all__ = [
     "PT2EConfig",
     "default_quantizer",
     "load_quantized",
+    "lower_quantized",
     "quantize",
     "register_backend",
     "save_quantized",

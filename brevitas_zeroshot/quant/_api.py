@@ -14,7 +14,7 @@ from .._utils import library_versions
 from ..synth import CalibrationSet
 from ._registry import as_batches, backend_for, backend_named
 
-__all__ = ["quantize", "save_quantized", "load_quantized", "QUANT_CONFIG"]
+__all__ = ["quantize", "save_quantized", "load_quantized", "lower_quantized", "QUANT_CONFIG"]
 
 QUANT_CONFIG = "quant_config.json"
 
@@ -27,6 +27,19 @@ def quantize(model: nn.Module, calibration, config) -> tuple[nn.Module, dict]:
     """
     backend = backend_for(config)
     return backend.quantize(model, as_batches(calibration, getattr(config, "calib_batch_size", 32)), config)
+
+
+def lower_quantized(qmodel: nn.Module, backend: str, example: torch.Tensor) -> tuple[nn.Module, str]:
+    """``qmodel`` as it runs when deployed, and the name of that runtime: a PT2E program compiled by Inductor (its
+    int8 kernels); a backend with no compiled form (Brevitas: its deployable form is ``model.onnx``) as it is.
+
+    ``example`` (a batch) runs once, so a compilation that fails does so here; then the eager model is returned and
+    the runtime says why.
+    """
+    lower = backend_named(backend).lower
+    if lower is None:
+        return qmodel, "pytorch (eager)"
+    return lower(qmodel, example)
 
 
 def _config_dict(config, report: dict) -> dict:

@@ -11,10 +11,10 @@ from torch import nn
 
 from .._errors import BzqError
 from .._files import write_atomic
-from .._utils import progress
+from .._utils import has_int8_dot_product, progress
 from ._registry import as_batches, register_backend
 
-__all__ = ["PT2EConfig", "quantize_pt2e", "default_quantizer"]
+__all__ = ["PT2EConfig", "compile_program", "quantize_pt2e", "default_quantizer"]
 
 _logger = logging.getLogger(__name__)
 
@@ -23,12 +23,18 @@ _logger = logging.getLogger(__name__)
 class PT2EConfig:
     """A PT2E scheme. ``quantizer`` is any ``torchao.quantization.pt2e.quantizer.Quantizer``; by default
     XNNPACK's when ExecuTorch is installed and ``target="xnnpack"``, else X86 Inductor (8-bit static, per-channel
-    weights)."""
+    weights).
+
+    ``reduce_range`` (x86 only) keeps activations in 0..127: x86 CPUs without VNNI saturate the int8 kernels on the
+    full 0..255 range (torchao's advice). None: decided by the CPU this runs on (on where it has no VNNI); set False
+    for a program that will only run on VNNI CPUs, True for one that may run on older ones.
+    """
 
     w_bits: int = 8
     a_bits: int = 8
     quantizer: Any = None
     target: str = "x86"  # "x86" (Inductor) or "xnnpack" (ExecuTorch)
+    reduce_range: bool | None = None
     calib_batch_size: int = 32
     notes: list = field(default_factory=list)
 
@@ -49,8 +55,9 @@ class PT2EConfig:
             raise BzqError("target must be 'x86' or 'xnnpack'.")
 
 
-def default_quantizer(target: str = "x86"):
-    """X86InductorQuantizer (static, per-channel weights), or ExecuTorch's XNNPACKQuantizer for ``xnnpack``."""
+def default_quantizer(target: str = "x86", reduce_range: bool | None = None):
+    """X86InductorQuantizer (static, per-channel weights; 7-bit activation range where ``reduce_range``, by default
+    on CPUs without VNNI), or ExecuTorch's XNNPACKQuantizer for ``xnnpack``."""
     if target == "xnnpack":
         try:
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -65,7 +72,9 @@ def default_quantizer(target: str = "x86"):
         get_default_x86_inductor_quantization_config,
     )
 
-    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    if reduce_range is None:
+        reduce_range = not has_int8_dot_product()
+    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
 
 
 def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -88,7 +97,8 @@ def quantize_pt2e(float_model: nn.Module, calibration, config: PT2EConfig | None
 
     config = config or PT2EConfig()
     batches = as_batches(calibration, config.calib_batch_size)
-    quantizer = config.quantizer or default_quantizer(config.target)
+    reduce_range = not has_int8_dot_product() if config.reduce_range is None else config.reduce_range
+    quantizer = config.quantizer or default_quantizer(config.target, reduce_range)
     model = copy.deepcopy(float_model).eval()
     device = next(model.parameters()).device
     program = export_program(model, batches.example(2).to(device))
@@ -98,12 +108,27 @@ def quantize_pt2e(float_model: nn.Module, calibration, config: PT2EConfig | None
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)  # so .eval() works as on any model
     report = {"graph": "pt2e", "quantizer": type(quantizer).__name__, "notes": list(config.notes)}
+    if config.quantizer is None and config.target == "x86":
+        report["activation_range"] = "0..127" if reduce_range else "0..255"
     return converted, report
 
 
+def _without_unused_tensors(model: nn.Module) -> nn.Module:
+    """A copy of a converted program without the float weights it no longer reads (convert_pt2e folds them into
+    int8 constants but keeps the originals as attributes, and torch.export would save them all)."""
+    model = copy.deepcopy(model)
+    if isinstance(model, torch.fx.GraphModule):
+        used = {node.target for node in model.graph.nodes if node.op == "get_attr"}
+        for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+            if name not in used:
+                owner, _, attr = name.rpartition(".")
+                delattr(model.get_submodule(owner), attr)
+    return model
+
+
 def _save(qmodel: nn.Module, out: Path, example: torch.Tensor, report: dict, export_onnx: bool) -> dict:
-    """``model.pt2``: the converted program, exported again with a dynamic batch dimension."""
-    program = export_program(qmodel, example)
+    """``model.pt2``: the converted program (int8 weights only), exported again with a dynamic batch dimension."""
+    program = export_program(_without_unused_tensors(qmodel), example[:2])  # the program file keeps its example
     write_atomic(out / "model.pt2", lambda tmp: torch.export.save(program, str(tmp)))
     return {"program": "model.pt2"}
 
@@ -116,4 +141,26 @@ def _load(folder: Path, meta: dict) -> nn.Module:
     return model
 
 
-register_backend(PT2EConfig, "pt2e", quantize=quantize_pt2e, save=_save, load=_load)
+@torch.no_grad()
+def compile_program(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, str]:
+    """``model`` compiled by Inductor with frozen weights (so a PT2E program's quantize/dequantize pairs become the
+    x86 int8 kernels X86InductorQuantizer targets), run once on ``example``; the eager model where that fails.
+
+    Sets Inductor's process-wide ``freezing`` flag, as PyTorch's X86InductorQuantizer guide does (passed per call
+    through ``torch.compile(options=...)`` it fails on the int8 weight prepacking in torch 2.14). Run the compiled
+    model under ``torch.no_grad()``: inference mode fails there too.
+    """
+    import torch._inductor.config
+
+    try:
+        torch._inductor.config.freezing = True
+        compiled = torch.compile(model)
+        compiled(example)
+        return compiled, "inductor"
+    except Exception as e:  # no C++ compiler, an operator Inductor cannot lower...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        _logger.warning("torch.compile failed (%s: %s); running the eager program", type(e).__name__, first)
+        return model, f"eager (torch.compile failed: {type(e).__name__}: {first})"
+
+
+register_backend(PT2EConfig, "pt2e", quantize=quantize_pt2e, save=_save, load=_load, lower=compile_program)

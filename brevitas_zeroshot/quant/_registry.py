@@ -1,7 +1,8 @@
 """Backends keyed by their config type (as torchao's ``quantize_`` handlers), and the calibration data they take.
 
 A backend is three functions: ``quantize(float_model, batches, config) -> (qmodel, report)``,
-``save(qmodel, out, example, report, export_onnx) -> {role: file name}`` and ``load(folder, meta) -> qmodel``.
+``save(qmodel, out, example, report, export_onnx) -> {role: file name}`` and ``load(folder, meta) -> qmodel``, and
+optionally ``lower(qmodel, example) -> (model, runtime)``: the model as it runs when deployed (compiled).
 Register one with :func:`register_backend`; ``quantize``/``save_quantized``/``load_quantized`` find it by the
 config's type (for loading, by the name stored in ``quant_config.json``).
 """
@@ -32,14 +33,23 @@ class Backend:
     quantize: Callable
     save: Callable
     load: Callable
+    lower: Callable | None = None
 
 
 _BACKENDS: dict[type, Backend] = {}
 
 
-def register_backend(config_type: type, name: str, *, quantize: Callable, save: Callable, load: Callable) -> None:
+def register_backend(
+    config_type: type,
+    name: str,
+    *,
+    quantize: Callable,
+    save: Callable,
+    load: Callable,
+    lower: Callable | None = None,
+) -> None:
     """Make ``quantize(model, calibration, config_type(...))`` use this backend."""
-    _BACKENDS[config_type] = Backend(name, config_type, quantize, save, load)
+    _BACKENDS[config_type] = Backend(name, config_type, quantize, save, load, lower)
 
 
 def backend_for(config) -> Backend:
