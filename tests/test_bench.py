@@ -123,3 +123,27 @@ def test_latency_bench_times_the_deployed_runtime_and_sizes(backend, tmp_path):
     assert sizes["file"] == ("model.pt2" if backend == "pt2e" else "model.onnx")
     # int8 weights on disk: the 0.27 M float32 weights of ResNet-20 take 1.1 MB, their int8 copies 0.27 MB
     assert sizes["quantized_bytes"] < 0.6 * sizes["float_bytes"]
+
+
+def test_zoo_matrix_records_each_step_resumes_and_times_out(tmp_path):
+    from brevitas_zeroshot.bench._zoo import ZooBenchConfig, bench_zoo
+
+    out = tmp_path / "zoo"
+    result = bench_zoo(ZooBenchConfig(models=["resnet10t@32"], timeout_s=300), out)
+    steps = result["models"][0]["steps"]
+    assert {k: v["status"] for k, v in steps.items()} == {
+        "build": "pass",
+        "synthesis": "pass",
+        "brevitas_w8a8": "pass",
+        "onnx": "pass",
+        "brevitas_w4a4": "pass",
+        "pt2e_w8a8": "pass",
+    }
+    assert steps["brevitas_w8a8"]["graph"] in ("fx", "layerwise") and steps["build"]["input"] == 32
+    table = (out / "zoo.md").read_text()
+    assert "| resnet10t |" in table and "1 of 1 BatchNorm architectures pass" in table
+    stamp = (out / "models" / "resnet10t.json").stat().st_mtime_ns
+    short = bench_zoo(ZooBenchConfig(models=["resnet10t@32", "resnet18@32"], timeout_s=10), out)
+    assert (out / "models" / "resnet10t.json").stat().st_mtime_ns == stamp  # done models are not run again
+    late = short["models"][1]["steps"]
+    assert any(s["status"] == "timeout" and "10 s budget" in s["reason"] for s in late.values())

@@ -41,47 +41,51 @@ def export_qcdq(qmodel: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 def _weights_as_uint8(graph) -> int:
     """Re-store every int8 weight (an initialiser, possibly clipped, then dequantized) as uint8 + 128, its clip bounds
-    and zero point with it; each DequantizeLinear gets its own zero point. Returns how many were converted."""
+    and zero point with it. Returns how many DequantizeLinear nodes were converted."""
+    import onnx
     from onnx import numpy_helper
 
     inits = {t.name: t for t in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
 
-    def array(name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+    def int8(name: str) -> bool:
+        return name in inits and inits[name].data_type == onnx.TensorProto.INT8
 
-    added, count = [], 0
-
-    def shifted(values: np.ndarray, name: str) -> str:
-        added.append(numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8), name))
-        return name
-
+    targets = []  # (DequantizeLinear, the Clip before it or None), decided on the graph as exported
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or not int8(node.input[2]):
             continue
         clip = producer.get(node.input[0])
-        clip = clip if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 else None
-        source = clip.input[0] if clip is not None else node.input[0]
-        weights, zero_point = array(source), array(node.input[2])
-        if weights is None or weights.dtype != np.int8 or zero_point is None or zero_point.dtype != np.int8:
-            continue  # an activation (its values come from a QuantizeLinear), or already unsigned
-        if clip is not None:
-            bounds = array(clip.input[1]), array(clip.input[2])
-            if any(b is None or b.dtype != np.int8 for b in bounds):
-                continue
-            clip.input[0] = shifted(weights, f"{source}_u8")
-            clip.input[1] = shifted(bounds[0], f"{clip.name}_min_u8")
-            clip.input[2] = shifted(bounds[1], f"{clip.name}_max_u8")
-        else:
-            node.input[0] = shifted(weights, f"{source}_u8")
-        node.input[2] = shifted(zero_point, f"{node.name}_zero_point_u8")
-        count += 1
-    graph.initializer.extend(added)
+        if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 and all(map(int8, clip.input)):
+            targets.append((node, clip))
+        elif int8(node.input[0]):
+            targets.append((node, None))  # else an activation: its values come from a QuantizeLinear
+
+    added: dict = {}  # new name -> tensor: an initialiser (or Clip) several nodes share is converted once
+
+    def shifted(name: str) -> str:
+        new = f"{name}_u8"
+        if new not in added:
+            values = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
+            added[new] = numpy_helper.from_array(values.astype(np.uint8), new)
+        return new
+
+    for node, clip in targets:
+        if clip is None:
+            node.input[0] = shifted(node.input[0])
+        elif not clip.input[0].endswith("_u8"):
+            names = [shifted(name) for name in clip.input]
+            del clip.input[:]
+            clip.input.extend(names)
+        zero_point = f"{node.name}_zero_point"  # each node its own: Brevitas shares them between layers
+        inits[zero_point] = inits[node.input[2]]
+        node.input[2] = shifted(zero_point)
+    graph.initializer.extend(added.values())
     used = {name for node in graph.node for name in node.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return count
+    return len(targets)
 
 
 def onnx_session(path: str | Path, threads: int | None = None):
