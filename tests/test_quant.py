@@ -315,3 +315,21 @@ def test_pt2e_compiled_program_agrees_with_eager_on_this_cpu(resnet20):
         eager, fast = qmodel(x), compiled(x)
     assert (eager.argmax(1) == fast.argmax(1)).float().mean() >= 0.9
     assert (eager - fast).abs().median() <= 0.05 * eager.abs().max()
+
+
+def test_a_program_that_cannot_compile_runs_eagerly_and_says_why(monkeypatch, caplog):
+    from brevitas_zeroshot.quant import lower_quantized
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=8)
+    qmodel, _ = quantize(model, calib, PT2EConfig())
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with caplog.at_level("WARNING"):
+        runnable, runtime = lower_quantized(qmodel, "pt2e", calib.images[:4])
+    assert runnable is qmodel and runtime == "eager (torch.compile failed: RuntimeError: no C++ compiler found)"
+    assert "torch.compile failed" in caplog.text
+    assert lower_quantized(qmodel, "brevitas", calib.images[:4]) == (qmodel, "pytorch (eager)")
