@@ -333,3 +333,16 @@ def test_a_program_that_cannot_compile_runs_eagerly_and_says_why(monkeypatch, ca
     assert runnable is qmodel and runtime == "eager (torch.compile failed: RuntimeError: no C++ compiler found)"
     assert "torch.compile failed" in caplog.text
     assert lower_quantized(qmodel, "brevitas", calib.images[:4]) == (qmodel, "pytorch (eager)")
+
+
+def test_reconstruction_cuts_a_graph_whose_requantizers_brevitas_shares():
+    # MobileNetV2's residual adds: Brevitas registers one requantizer under two names, and a unit's parameters must
+    # still be found through both (a KeyError on 'add_N_quant' before; found by `bzq bench zoo`)
+    from brevitas_zeroshot import load_model
+
+    model, cfg = load_model("mobilenetv2_035", pretrained=False)
+    cfg = {**cfg, "input_size": (3, 32, 32)}
+    calib = create_calibration_set("gaussian", model, cfg, num_images=4)
+    _, report = quantize(model, calib, BrevitasConfig(w_bits=4, a_bits=4, gptq=False, reconstruct_iters=1))
+    assert report["graph"] == "fx" and report["reconstruction"]["mode"] == "blocks"
+    assert len(report["reconstruction"]["units"]) > 5

@@ -102,9 +102,10 @@ def onnx_session(path: str | Path, threads: int | None = None):
 def onnx_parity(qmodel: nn.Module, path: str | Path, images: torch.Tensor) -> dict:
     """Run ``images`` through the ONNX file in onnxruntime (default optimisations) and through ``qmodel``; compare.
 
-    ``passed`` when the predicted classes agree on at least 90 % of the images and the median |difference| of the
-    logits is at most 1 % of the largest logit: a rounding tie at one quantizer may move one image, a wrong export
-    or a saturating kernel moves them all.
+    ``passed`` when the predicted classes agree on at least 90 % of the images (a disagreement where the model's two
+    best logits are closer than twice that image's largest difference is a near-tie and not held against it) and
+    the median |difference| of the logits is at most 1 % of the largest logit: a rounding tie at one quantizer may
+    move one image, a wrong export or a saturating kernel moves them all.
     """
     import onnxruntime as ort
 
@@ -116,11 +117,16 @@ def onnx_parity(qmodel: nn.Module, path: str | Path, images: torch.Tensor) -> di
         return {"passed": False, "reason": f"output shape {tuple(got.shape)}, expected {tuple(expected.shape)}"}
     diff = (got - expected).abs()
     scale = expected.abs().max().clamp_min(1e-12)
-    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    same = got.argmax(1) == expected.argmax(1)
+    top2 = expected.topk(min(2, expected.shape[1]), dim=1).values
+    margin = top2[:, 0] - top2[:, -1]
+    ties = ~same & (margin <= 2 * diff.max(1).values)  # the two answers were a near-tie: not a wrong export
+    agreement = same.float().mean().item()
     return {
-        "passed": bool(agreement >= 0.9 and diff.median() <= 0.01 * scale),
+        "passed": bool((same | ties).float().mean() >= 0.9 and diff.median() <= 0.01 * scale),
         "images": len(images),
         "agreement": round(100 * agreement, 2),
+        "near_ties": int(ties.sum()),
         "median_abs_diff": float(f"{diff.median():.3g}"),
         "max_abs_diff": float(f"{diff.max():.3g}"),
         "max_abs_logit": float(f"{scale:.3g}"),

@@ -62,7 +62,7 @@ def _fx_units(qmodel, fmodel) -> list[_Unit] | None:
     nodes = list(qmodel.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in nodes}
-    modules = dict(qmodel.named_modules())
+    modules = dict(qmodel.named_modules(remove_duplicate=False))  # Brevitas shares requantizers between names
     cuts, live = [], set()
     for i, n in enumerate(nodes):  # a cut: the only value defined so far that is still needed is this node's
         if n.op != "get_attr":
