@@ -47,6 +47,14 @@ ParamOpt = Annotated[
 LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate of the synthesis.")]
 DrawsOpt = Annotated[int, typer.Option("--draws", min=1, help="Images drawn from each learned distribution.")]
 BlurOpt = Annotated[float, typer.Option("--blur", min=0.0, help="Gaussian low-pass sigma in pixels (0: off).")]
+MicroBatchOpt = Annotated[
+    int,
+    typer.Option(
+        "--micro-batch",
+        min=0,
+        help="Images per forward pass (0: the whole batch); the batch's statistics are still matched exactly.",
+    ),
+]
 
 
 def _synthesis(o: dict) -> dict:
@@ -60,6 +68,7 @@ def _synthesis(o: dict) -> dict:
         "lr": o["lr"],
         "draws": o["draws"],
         "blur_sigma": o["blur"],
+        "micro_batch": o["micro_batch"],
     }
 
 
@@ -197,6 +206,7 @@ def generate(
     lr: LrOpt = _SYN.lr,
     draws: DrawsOpt = _SYN.draws,
     blur: BlurOpt = _SYN.blur_sigma,
+    micro_batch: MicroBatchOpt = _SYN.micro_batch,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different set already in --out.")] = False,
     nproc: Annotated[
         int, typer.Option("--nproc", min=1, help="Processes on this machine (launches torchrun; batches split).")
@@ -267,6 +277,7 @@ def quantize(
     lr: LrOpt = _SYN.lr,
     draws: DrawsOpt = _SYN.draws,
     blur: BlurOpt = _SYN.blur_sigma,
+    micro_batch: MicroBatchOpt = _SYN.micro_batch,
     eval_data: Annotated[
         Path | None, typer.Option("--eval-data", help="Real labelled images to evaluate float and quantized models.")
     ] = None,

@@ -341,3 +341,36 @@ def test_diverse_init_gives_varied_images_and_canvas_keeps_the_input_size(r20):
         SynthesisConfig(init="zeros")
     with pytest.raises(BzqError, match="canvas"):
         SynthesisConfig(canvas=-1)
+
+
+def test_micro_batches_give_the_whole_batch_statistics_gradient_and_set():
+    import contextlib
+
+    from brevitas_zeroshot.synth import Synthesiser
+    from brevitas_zeroshot.synth._bn import BNStatistics
+
+    model, cfg = random_r20()
+    synth = Synthesiser(model, cfg, "cpu", num_images=10, batch_size=10, iterations=0, micro_batch=3)
+    x = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last
+    )
+    target = torch.arange(10)
+    with synth._synthesis_mode(), BNStatistics(model) as stats:
+        whole_x = x.clone().requires_grad_()
+        model(whole_x)
+        whole_moments = stats.moments()
+        whole = stats.loss(whole_moments)
+        (whole_grad,) = torch.autograd.grad(whole, whole_x)
+        moments, _ = synth._group_moments(x, stats, contextlib.nullcontext())  # 3 + 3 + 3 + 1 images
+        assert torch.allclose(moments, whole_moments.detach(), rtol=1e-5, atol=1e-6)
+        leaf = x.clone().requires_grad_()
+        _, bn = synth._micro_batched_backward(leaf, leaf * 1.0, target, stats, contextlib.nullcontext())
+        assert torch.allclose(bn, whole.detach(), rtol=1e-5)
+        assert torch.allclose(leaf.grad, whole_grad, rtol=1e-4, atol=1e-3 * whole_grad.abs().max().item())
+    sets = [
+        Synthesiser(model, cfg, "cpu", num_images=8, batch_size=8, iterations=10, micro_batch=m).generate(
+            show_progress=False
+        )
+        for m in (0, 3)
+    ]
+    assert (sets[0].images - sets[1].images).abs().max() < 1e-3

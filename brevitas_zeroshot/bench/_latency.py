@@ -68,7 +68,7 @@ def bench_latency(folder: str | Path, batch_size: int = 32, repeats: int = 10, t
             from ..quant._pt2e import compile_program, export_program
 
             float_file = Path(tmp) / "float.pt2"  # before compiling, which changes what an export would capture
-            torch.export.save(export_program(float_model, x[:2]), str(float_file))
+            torch.export.save(export_program(float_model, x[:2].clone()), str(float_file))
             sizes = _sizes(float_file, folder / meta["files"]["program"])
             fast_float, float_runtime = compile_program(float_model, x)
             fast_quant, quant_runtime = lower_quantized(qmodel, backend, x)

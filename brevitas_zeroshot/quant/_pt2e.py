@@ -128,7 +128,8 @@ def _without_unused_tensors(model: nn.Module) -> nn.Module:
 
 def _save(qmodel: nn.Module, out: Path, example: torch.Tensor, report: dict, export_onnx: bool) -> dict:
     """``model.pt2``: the converted program (int8 weights only), exported again with a dynamic batch dimension."""
-    program = export_program(_without_unused_tensors(qmodel), example[:2])  # the program file keeps its example
+    # the file keeps its example input: two images, cloned (a view would save the whole batch behind it)
+    program = export_program(_without_unused_tensors(qmodel), example[:2].clone())
     write_atomic(out / "model.pt2", lambda tmp: torch.export.save(program, str(tmp)))
     return {"program": "model.pt2"}
 

@@ -109,7 +109,7 @@ def _fused_forward(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, sta
     if module.bias is not None:
         shift = shift + module.bias
     y, mean, sq = _NormWithMoments.apply(x, scale.detach(), shift.detach())
-    stats._collected[index] = (sq - mean * mean, mean)
+    stats._collected[index] = (mean, sq)
     if hasattr(module, "act") and hasattr(module, "drop"):  # timm BatchNormAct2d: norm, then drop, then act
         y = module.act(module.drop(y))
     return y
@@ -177,27 +177,34 @@ class BNStatistics:
         self._collected = [None] * len(self.layers)
 
     def _hook(self, module: nn.Module, args: tuple, index: int) -> None:
-        mean, sq = _Moments.apply(args[0])
-        self._collected[index] = (sq - mean * mean, mean)
+        self._collected[index] = _Moments.apply(args[0])
 
-    def channel_loss(self) -> torch.Tensor:
-        """Per-channel distance for the last forward pass (all layers concatenated); clears the collected stats."""
+    def moments(self) -> torch.Tensor:
+        """``(2, channels)``: the per-channel mean and mean square of every BN layer's input in the last forward pass
+        (all layers concatenated); clears them. Moments of several passes average into those of their union
+        (weighted by images), which is how a group larger than one pass is matched exactly."""
         missing = [self.layers[i][0] for i, c in enumerate(self._collected) if c is None]
         if missing:
             self._collected = [None] * len(self.layers)
             raise RuntimeError(f"BN layers not called in the last forward: {', '.join(missing[:5])}")
-        var = torch.cat([v for v, _ in self._collected]) + self.eps
-        mean = torch.cat([m for _, m in self._collected])
+        mean = torch.cat([m for m, _ in self._collected])
+        sq = torch.cat([q for _, q in self._collected])
         self._collected = [None] * len(self.layers)
+        return torch.stack((mean, sq))
+
+    def channel_loss(self, moments: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-channel distance of ``moments`` (default: those of the last forward pass, which are cleared)."""
+        mean, sq = self.moments() if moments is None else moments
+        var = sq - mean * mean + self.eps
         if self.kind == "kl":
             return 0.5 * (torch.log(self.run_var / var) + (var + (mean - self.run_mean) ** 2) / self.run_var - 1.0)
         if self.kind == "kl_forward":
             return 0.5 * (torch.log(var / self.run_var) + (self.run_var + (mean - self.run_mean) ** 2) / var - 1.0)
         return (mean - self.run_mean) ** 2 + (var.sqrt() - self.run_var.sqrt()) ** 2
 
-    def loss(self) -> torch.Tensor:
-        """Weighted mean over layers of the per-layer mean channel distance."""
-        return (self.channel_loss() * self.channel_weight).sum()
+    def loss(self, moments: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted mean over layers of the per-layer mean channel distance (of ``moments``, or the last pass)."""
+        return (self.channel_loss(moments) * self.channel_weight).sum()
 
     def per_layer(self, channel_loss: torch.Tensor) -> torch.Tensor:
         """Mean channel distance of each layer (for reports, not the hot loop)."""

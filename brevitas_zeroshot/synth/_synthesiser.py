@@ -82,6 +82,10 @@ class SynthesisConfig:
     smooth: float = 1.25  # sigma (pixels) of a 3x3 Gaussian low-pass on the finished images only (0: off)
     seed: int = 0
     max_restarts: int = 3
+    # images per forward pass (0: the whole batch). The statistics are still those of the whole batch, exactly:
+    # moments are averaged over the micro-batches first, then each back-propagates its share. Memory is bounded by
+    # the micro-batch; a step costs about 1.5x (one more forward pass). The set is the same to float tolerance.
+    micro_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.bn_loss not in BN_LOSSES:
@@ -93,6 +97,8 @@ class SynthesisConfig:
                 raise BzqError(f"{name} must be at least 1.")
         if self.iterations < 0:
             raise BzqError("iterations must be 0 or more.")
+        if self.micro_batch < 0:
+            raise BzqError("micro_batch must be 0 (the whole batch in one pass) or more.")
         if self.batch_size % self.draws:
             raise BzqError(f"batch_size ({self.batch_size}) must be a multiple of draws ({self.draws}).")
         if self.parameterization == "pixel" and self.draws != 1:
@@ -398,24 +404,21 @@ class Synthesiser:
                 x = F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), blur, groups=c)
             return torch.max(torch.min(x, self.high), self.low) if distribution or blur is not None else x
 
+        micro = 0 < cfg.micro_batch < n
         for step in range(cfg.iterations):
             x = sample()
             if pad:  # one random window for the whole batch (drawn in Python: no device sync)
                 top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
                 x = x[..., top : top + h, left : left + w]
-            with amp:
-                logits = self.model(self._augment(x, rng))
-            bn = stats.loss()
-            loss = cfg.bn_weight * bn
-            if cfg.ce_weight:
-                loss = loss + cfg.ce_weight * F.cross_entropy(logits.float()[: target.numel()], target)
-            if cfg.tv_weight:
-                tv = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., 1:] - x[..., :-1]).pow(2).mean()
-                loss = loss + cfg.tv_weight * tv
-            if cfg.l2_weight:
-                loss = loss + cfg.l2_weight * x.pow(2).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if micro:
+                loss, bn = self._micro_batched_backward(x, self._augment(x, rng), target, stats, amp)
+            else:
+                with amp:
+                    logits = self.model(self._augment(x, rng))
+                bn = stats.loss()
+                loss = cfg.bn_weight * bn + self._image_terms(x, logits, target)
+                loss.backward()
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -434,9 +437,8 @@ class Synthesiser:
             if cfg.smooth > 0:  # GPTQ and bias correction otherwise fit the pixel noise the BN loss leaves in
                 k = _gaussian_kernel(cfg.smooth, c, dev, radius=1)
                 x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k, groups=c)
-            with amp:
-                logits = self.model(x.contiguous(memory_format=torch.channels_last))
-            per_channel = stats.channel_loss()
+            moments, logits = self._group_moments(x.contiguous(memory_format=torch.channels_last), stats, amp)
+            per_channel = stats.channel_loss(moments)
             history[cfg.iterations] = (per_channel * stats.channel_weight).sum()
         self.history.append(history.cpu())
         summary = {
@@ -448,6 +450,56 @@ class Synthesiser:
             "target_hit_rate": float((logits.float().argmax(1) == target).float().mean()),
         }
         return x.contiguous().float().cpu(), summary
+
+    def _image_terms(self, x: torch.Tensor, logits: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor | float:
+        """The optional per-image loss terms (cross-entropy unless ``logits`` is None, total variation, L2), as means
+        over ``x``."""
+        cfg, loss = self.config, 0.0
+        if cfg.ce_weight and logits is not None:
+            loss = loss + cfg.ce_weight * F.cross_entropy(logits.float()[: target.numel()], target)
+        if cfg.tv_weight:
+            tv = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., 1:] - x[..., :-1]).pow(2).mean()
+            loss = loss + cfg.tv_weight * tv
+        if cfg.l2_weight:
+            loss = loss + cfg.l2_weight * x.pow(2).mean()
+        return loss
+
+    @torch.no_grad()
+    def _group_moments(self, x: torch.Tensor, stats: BNStatistics, amp) -> tuple[torch.Tensor, torch.Tensor]:
+        """BN input moments of the whole batch ``x`` and its logits, ``micro_batch`` images per pass."""
+        size = self.config.micro_batch or len(x)
+        moments, logits = 0.0, []
+        for chunk in x.split(size):
+            with amp:
+                logits.append(self.model(chunk))
+            moments = moments + stats.moments() * (len(chunk) / len(x))
+        return moments, torch.cat(logits)
+
+    def _micro_batched_backward(self, x, xa, target, stats, amp) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of the whole batch's loss, ``micro_batch`` images per forward pass, exactly: the group's moments
+        first (no graph kept), then the loss's gradient with respect to them, then each micro-batch back-propagates
+        that gradient through its own share of the moments. Returns the loss and the BN loss (detached)."""
+        cfg, n = self.config, len(xa)
+        leaf = xa.detach().requires_grad_()
+        moments, _ = self._group_moments(leaf, stats, amp)
+        moments.requires_grad_()
+        bn = stats.loss(moments)
+        (grad_moments,) = torch.autograd.grad(cfg.bn_weight * bn, moments)
+        start = 0
+        for chunk in leaf.split(cfg.micro_batch):
+            with amp:
+                logits = self.model(chunk)
+            share = len(chunk) / n
+            part = (grad_moments * stats.moments()).sum() * share
+            if cfg.ce_weight:
+                labels = target[start : start + len(chunk)]
+                part = part + cfg.ce_weight * share * F.cross_entropy(logits.float()[: len(labels)], labels)
+            part.backward()
+            start += len(chunk)
+        extra = self._image_terms(x, None, target)  # total variation and L2: whole-batch means, cheap
+        ((xa * leaf.grad).sum() + extra).backward()  # on through the augmentation and sampling to the parameters
+        loss = cfg.bn_weight * bn.detach() + (extra.detach() if torch.is_tensor(extra) else extra)
+        return loss, bn.detach()
 
     def _init_images(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
         """Starting images. "diverse" gives every image its own colour offset, contrast and smooth structure, so the
