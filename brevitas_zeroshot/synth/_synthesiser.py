@@ -46,6 +46,34 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _summed(t: torch.Tensor, world: int) -> torch.Tensor:
+    """``t`` summed over the processes (in place), or ``t`` itself when there is one."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def _all_true(flag: torch.Tensor, world: int) -> bool:
+    """Whether ``flag`` holds in every process (so that all of them restart a batch, or none)."""
+    return bool(_summed((~flag).int(), world) == 0)
+
+
+def _gathered(x: torch.Tensor, ends: list[int], world: int) -> torch.Tensor:
+    """The whole batch from every process's share; process ``r`` holds images ``ends[r-1]:ends[r]``."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    sizes = [e - s for s, e in zip([0, *ends[:-1]], ends, strict=True)]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -203,8 +231,9 @@ class Synthesiser:
     ) -> CalibrationSet:
         """Synthesise the set; with ``out``, stream each finished batch to disk and resume from what is there.
 
-        Under ``torchrun`` (an initialised ``torch.distributed`` group) the batches are split across the ranks;
-        each batch's seeds derive from (seed, batch index) alone, so the set is the same whatever the world size.
+        Under ``torchrun`` (an initialised ``torch.distributed`` group) every batch is split across the ranks, whose
+        BN statistics are summed (the loss is the whole batch's); each batch's seeds derive from (seed, batch index)
+        alone, so the set is the same, to float tolerance, whatever the world size.
         """
         cfg = self.config
         manifest = self.manifest()
@@ -221,14 +250,13 @@ class Synthesiser:
             if done is not None:
                 return done
         labels = balanced_labels(cfg.num_images, self.num_classes, cfg.seed, cfg.draws)
-        batches = self._batches()
-        mine = [b for b in batches if b % world == rank]
+        batches = self._batches()  # every process works on every batch, on its share of the images
         images, summaries = [], []
         with self._synthesis_mode(), BNStatistics(self.model, cfg.bn_loss, cfg.first_bn_weight) as stats:
             bar = progress(
-                total=len(mine) * cfg.iterations, desc="synthesis", unit="it", disable=not show_progress or rank > 0
+                total=len(batches) * cfg.iterations, desc="synthesis", unit="it", disable=not show_progress or rank > 0
             )
-            for b in mine:
+            for b in batches:
                 lo, hi = b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_images)
                 path = work / shard_name(b) if work is not None else None
                 if path is not None and path.exists():
@@ -242,7 +270,8 @@ class Synthesiser:
                 x, summary = self._synthesise_batch(b, labels[lo:hi], stats, bar)
                 summary["seconds"] = round(time.perf_counter() - start, 3)
                 if path is not None:
-                    write_shard(path, x, labels[lo:hi], summary)
+                    if rank == 0:
+                        write_shard(path, x, labels[lo:hi], summary)
                 else:
                     images.append(x.cpu())
                     summaries.append(summary)
@@ -376,9 +405,15 @@ class Synthesiser:
         seed = cfg.seed * 1_000_003 + index  # the same batch whatever else is generated (resume, several ranks)
         gen = torch.Generator(dev).manual_seed(seed)
         rng = random.Random(seed)
-        target = labels.to(dev)
+        # Under torchrun each process optimises its share of the batch's images (whole slots); the statistics are
+        # those of the whole batch (all-reduced). Every process draws the whole batch's random numbers and keeps
+        # its share, so the images do not depend on the number of processes (to float tolerance).
+        rank, world = _distributed()
+        s0, s1 = slots * rank // world, slots * (rank + 1) // world
+        i0, i1 = min(s0 * cfg.draws, n), min(s1 * cfg.draws, n)
+        target = labels.to(dev)[i0:i1]
         pad = cfg.canvas
-        mean = self._init_images((slots, c, h + 2 * pad, w + 2 * pad), gen)
+        mean = self._init_images((slots, c, h + 2 * pad, w + 2 * pad), gen)[s0:s1]
         mean = torch.max(torch.min(mean, self.high), self.low).contiguous(memory_format=torch.channels_last)
         params = [mean.requires_grad_()]
         distribution = cfg.parameterization == "distribution"
@@ -395,8 +430,8 @@ class Synthesiser:
 
         def sample() -> torch.Tensor:
             if distribution:
-                eps = torch.randn((mean.shape[0], cfg.draws, *mean.shape[1:]), generator=gen, device=dev)
-                x = (mean[:, None] + log_std.exp()[:, None] * eps).flatten(0, 1)[:n]  # slot-major, as the labels
+                eps = torch.randn((slots, cfg.draws, *mean.shape[1:]), generator=gen, device=dev)[s0:s1]
+                x = (mean[:, None] + log_std.exp()[:, None] * eps).flatten(0, 1)[: i1 - i0]  # slot-major, as labels
             else:
                 x = mean
             if blur is not None:
@@ -404,15 +439,15 @@ class Synthesiser:
                 x = F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), blur, groups=c)
             return torch.max(torch.min(x, self.high), self.low) if distribution or blur is not None else x
 
-        micro = 0 < cfg.micro_batch < n
+        grouped = world > 1 or 0 < cfg.micro_batch < n
         for step in range(cfg.iterations):
             x = sample()
             if pad:  # one random window for the whole batch (drawn in Python: no device sync)
                 top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
                 x = x[..., top : top + h, left : left + w]
             opt.zero_grad(set_to_none=True)
-            if micro:
-                loss, bn = self._micro_batched_backward(x, self._augment(x, rng), target, stats, amp)
+            if grouped:
+                loss, bn = self._group_backward(x, self._augment(x, rng), target, stats, amp, n)
             else:
                 with amp:
                     logits = self.model(self._augment(x, rng))
@@ -426,7 +461,7 @@ class Synthesiser:
                 history[step] = bn.detach()
                 finite &= torch.isfinite(loss)
             if step % 25 == 24 or step == cfg.iterations - 1:
-                if not bool(finite):
+                if not _all_true(finite, world):
                     bar.update(cfg.iterations - step - 1)
                     return None, {}
                 bar.set_postfix(batch=index, bn=f"{bn.item():.4f}")
@@ -437,9 +472,12 @@ class Synthesiser:
             if cfg.smooth > 0:  # GPTQ and bias correction otherwise fit the pixel noise the BN loss leaves in
                 k = _gaussian_kernel(cfg.smooth, c, dev, radius=1)
                 x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k, groups=c)
-            moments, logits = self._group_moments(x.contiguous(memory_format=torch.channels_last), stats, amp)
+            moments, logits = self._group_moments(x.contiguous(memory_format=torch.channels_last), stats, amp, n)
             per_channel = stats.channel_loss(moments)
             history[cfg.iterations] = (per_channel * stats.channel_weight).sum()
+            hits = (logits.float().argmax(1) == target).sum().float() if len(x) else torch.zeros((), device=dev)
+            hits = _summed(hits, world)
+            x = _gathered(x, [min(slots * (r + 1) // world * cfg.draws, n) for r in range(world)], world)
         self.history.append(history.cpu())
         summary = {
             "batch": index,
@@ -447,7 +485,7 @@ class Synthesiser:
             "bn_loss_final": float(history[-1]),
             "bn_loss_per_layer": [round(float(v), 6) for v in stats.per_layer(per_channel)],
             "bn_loss_trace": [round(v, 6) for v in history[::10].tolist()],  # every 10th step, for plots
-            "target_hit_rate": float((logits.float().argmax(1) == target).float().mean()),
+            "target_hit_rate": float(hits / n),
         }
         return x.contiguous().float().cpu(), summary
 
@@ -464,24 +502,42 @@ class Synthesiser:
             loss = loss + cfg.l2_weight * x.pow(2).mean()
         return loss
 
-    @torch.no_grad()
-    def _group_moments(self, x: torch.Tensor, stats: BNStatistics, amp) -> tuple[torch.Tensor, torch.Tensor]:
-        """BN input moments of the whole batch ``x`` and its logits, ``micro_batch`` images per pass."""
-        size = self.config.micro_batch or len(x)
-        moments, logits = 0.0, []
-        for chunk in x.split(size):
-            with amp:
-                logits.append(self.model(chunk))
-            moments = moments + stats.moments() * (len(chunk) / len(x))
-        return moments, torch.cat(logits)
+    def _group_moments(self, x: torch.Tensor, stats: BNStatistics, amp, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BN input moments of the whole batch of ``n`` images, of which this process holds ``x`` (passes of
+        ``micro_batch`` images; summed over processes), and the logits of ``x``. No graph is kept."""
+        size = self.config.micro_batch or max(len(x), 1)
+        moments, logits = torch.zeros(2, stats.run_mean.numel(), device=self.device), []
+        with torch.no_grad():
+            for chunk in x.split(size):
+                with amp:
+                    logits.append(self.model(chunk))
+                moments += stats.moments() * (len(chunk) / n)
+        return _summed(moments, _distributed()[1]), torch.cat(logits) if logits else x.new_zeros(0)
 
-    def _micro_batched_backward(self, x, xa, target, stats, amp) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient of the whole batch's loss, ``micro_batch`` images per forward pass, exactly: the group's moments
-        first (no graph kept), then the loss's gradient with respect to them, then each micro-batch back-propagates
-        that gradient through its own share of the moments. Returns the loss and the BN loss (detached)."""
-        cfg, n = self.config, len(xa)
+    def _group_backward(self, x, xa, target, stats, amp, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Back-propagate the loss of a whole batch of ``n`` images, of which this process holds ``xa`` (``x``
+        before augmentation), exactly. One pass: the local moments are summed with the other processes' (whose
+        share enters without a gradient). With ``micro_batch``: the batch's moments first, without a graph, then
+        the loss's gradient with respect to them, then each micro-batch back-propagates that gradient through its
+        own share of the moments. Returns the loss and the BN loss (detached)."""
+        cfg, world = self.config, _distributed()[1]
+        share = len(xa) / n
+        if not 0 < cfg.micro_batch < len(xa):
+            logits = None
+            local = torch.zeros(2, stats.run_mean.numel(), device=self.device)
+            if len(xa):
+                with amp:
+                    logits = self.model(xa)
+                local = stats.moments() * share
+            total = _summed(local.detach().clone(), world)
+            bn = stats.loss(local + (total - local.detach()))
+            loss = cfg.bn_weight * bn
+            if len(xa):
+                loss = loss + share * self._image_terms(x, logits, target)
+                loss.backward()
+            return loss.detach(), bn.detach()
         leaf = xa.detach().requires_grad_()
-        moments, _ = self._group_moments(leaf, stats, amp)
+        moments, _ = self._group_moments(leaf, stats, amp, n)
         moments.requires_grad_()
         bn = stats.loss(moments)
         (grad_moments,) = torch.autograd.grad(cfg.bn_weight * bn, moments)
@@ -489,14 +545,13 @@ class Synthesiser:
         for chunk in leaf.split(cfg.micro_batch):
             with amp:
                 logits = self.model(chunk)
-            share = len(chunk) / n
-            part = (grad_moments * stats.moments()).sum() * share
+            part = (grad_moments * stats.moments()).sum() * (len(chunk) / n)
             if cfg.ce_weight:
                 labels = target[start : start + len(chunk)]
-                part = part + cfg.ce_weight * share * F.cross_entropy(logits.float()[: len(labels)], labels)
+                part = part + cfg.ce_weight * (len(chunk) / n) * F.cross_entropy(logits.float()[: len(labels)], labels)
             part.backward()
             start += len(chunk)
-        extra = self._image_terms(x, None, target)  # total variation and L2: whole-batch means, cheap
+        extra = share * self._image_terms(x, None, target)  # total variation and L2: means over the images, cheap
         ((xa * leaf.grad).sum() + extra).backward()  # on through the augmentation and sampling to the parameters
         loss = cfg.bn_weight * bn.detach() + (extra.detach() if torch.is_tensor(extra) else extra)
         return loss, bn.detach()
@@ -519,6 +574,8 @@ class Synthesiser:
         """One random flip, shift and crop for the whole batch (drawn in Python: no device sync)."""
         cfg = self.config
         h, w = x.shape[-2:]
+        if not len(x):  # a process with no share of a small last batch (its random draws affect nothing)
+            return x
         if cfg.flip and rng.random() < 0.5:
             x = x.flip(-1)
         if cfg.jitter:
