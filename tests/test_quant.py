@@ -346,3 +346,26 @@ def test_reconstruction_cuts_a_graph_whose_requantizers_brevitas_shares():
     _, report = quantize(model, calib, BrevitasConfig(w_bits=4, a_bits=4, gptq=False, reconstruct_iters=1))
     assert report["graph"] == "fx" and report["reconstruction"]["mode"] == "blocks"
     assert len(report["reconstruction"]["units"]) > 5
+
+
+def test_reconstruction_does_not_cut_the_graph_at_a_split():
+    # MixNet's mixed convolutions: torch.split hands a tuple on; a unit must start and end at a tensor (an
+    # AttributeError "'tuple' object has no attribute 'detach'" before; found by `bzq bench zoo` on mixnet_s)
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 5, padding=2)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.stem(x)))
+            p, q = torch.split(x, 4, dim=1)
+            x = torch.relu(torch.cat([self.a(p), self.b(q)], 1))
+            return self.head(x.mean((2, 3)))
+
+    model = Mixed().eval()
+    cfg = {"input_size": (3, 16, 16), "mean": (0,) * 3, "std": (1,) * 3}
+    calib = create_calibration_set("gaussian", model, cfg, num_images=8)
+    _, report = quantize(model, calib, BrevitasConfig(w_bits=4, a_bits=4, first_last_bits=None, reconstruct_iters=2))
+    assert report["graph"] == "fx" and report["reconstruction"]["mode"] == "blocks"

@@ -14,6 +14,7 @@ a unit.
 import contextlib
 import copy
 import logging
+import operator
 import random
 from dataclasses import dataclass
 
@@ -54,6 +55,11 @@ class _Unit:
         self.shared = shared  # ids of parameters also used outside the unit (a quantizer shared across a residual)
 
 
+def _is_tuple(node) -> bool:
+    """Whether an FX node's value is a tuple (``torch.split``, ``chunk``...): all its users take items of it."""
+    return bool(node.users) and all(u.op == "call_function" and u.target is operator.getitem for u in node.users)
+
+
 def _fx_units(qmodel, fmodel) -> list[_Unit] | None:
     """Cut the graph where a single value carries everything forward; None when it cannot be cut into a chain."""
     from brevitas.fx import Graph, GraphModule
@@ -67,7 +73,7 @@ def _fx_units(qmodel, fmodel) -> list[_Unit] | None:
     for i, n in enumerate(nodes):  # a cut: the only value defined so far that is still needed is this node's
         if n.op != "get_attr":
             live = {m for m in live | {n} if last_use[m] > i}
-        if live == {n}:
+        if live == {n} and not _is_tuple(n):  # a unit's input and output are tensors, not a split's parts
             cuts.append(i)
     if nodes[-1].op != "output":
         return None
