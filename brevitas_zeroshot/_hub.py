@@ -159,7 +159,8 @@ def _onnx_statement(meta: dict) -> str:
         f"\n`model.onnx` (ONNX QCDQ, 8-bit integer weights) {verdict} the quantized PyTorch model in "
         f"{parity.get('runtime', 'onnxruntime')} on {parity.get('images')} calibration images: predicted class "
         f"agreement {parity.get('agreement')} %, median / max |difference| {parity.get('median_abs_diff')} / "
-        f"{parity.get('max_abs_diff')} logits (largest logit {parity.get('max_abs_logit')}).\n"
+        f"{parity.get('max_abs_diff')} logits (largest logit {parity.get('max_abs_logit')}; the PyTorch model's own "
+        f"change under float-rounding-sized input changes: {parity.get('rounding_sensitivity', 'not measured')}).\n"
     )
 
 

@@ -167,6 +167,8 @@ def test_pt2e_quantize_and_eval_of_its_folder(resnet20_weights, cifar_train_cali
     ev = run("eval", str(out), "--data", str(cifar_train_calib), "--limit", "50", "--workers", "0", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["top1"] == json.loads(done.stdout)["quantized"]["top1"]
+    # both evaluated the program as deployed: compiled by Inductor (int8 kernels)
+    assert json.loads(done.stdout)["quantized"]["runtime"] == json.loads(ev.stdout)["runtime"] == "inductor"
 
 
 def test_quantize_resumes_its_synthesis_and_overwrite_replaces_a_different_one(resnet20_weights, tmp_path):

@@ -144,7 +144,7 @@ def test_onnx_parity_check_catches_a_wrong_export(resnet20, tmp_path):
     weight.CopyFrom(numpy_helper.from_array(255 - values, weight.name))  # the signs of one layer's weights flipped
     onnx.save(proto, str(path))
     parity = onnx_parity(qmodel, path, calib.images)
-    assert not parity["passed"] and parity["median_abs_diff"] > 0.01 * parity["max_abs_logit"]
+    assert not parity["passed"] and parity["median_abs_diff"] > 0.05 * parity["max_abs_logit"]
 
 
 def test_pt2e_save_reload_and_bad_quantizer(resnet20, tmp_path):

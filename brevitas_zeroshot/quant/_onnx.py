@@ -102,33 +102,41 @@ def onnx_session(path: str | Path, threads: int | None = None):
 def onnx_parity(qmodel: nn.Module, path: str | Path, images: torch.Tensor) -> dict:
     """Run ``images`` through the ONNX file in onnxruntime (default optimisations) and through ``qmodel``; compare.
 
-    ``passed`` when the predicted classes agree on at least 90 % of the images (a disagreement where the model's two
-    best logits are closer than twice that image's largest difference is a near-tie and not held against it) and
-    the median |difference| of the logits is at most 1 % of the largest logit: a rounding tie at one quantizer may
-    move one image, a wrong export or a saturating kernel moves them all.
+    Float arithmetic in another order puts a few values on the other side of an 8-bit rounding boundary, and a deep
+    network carries those flips on (MobileNetV2 W8A8: median 1.7 % of the largest logit, without any onnxruntime
+    fusion). So the export is held to the model's own sensitivity: ``qmodel`` is also run on the images scaled by
+    1 + 2^-20, a change of the size of float rounding. ``passed`` when the median |difference| of the logits is at
+    most 4 times the median change that causes (and at least 1e-3 of the largest logit is allowed), and the
+    predicted classes agree on at least 90 % of the images, a disagreement between two logits closer than twice
+    that image's largest change not counting. Measured: MobileNetV2 W8A8 differs by 0.139 logits where its own
+    rounding sensitivity is 0.133 (passes); a wrong export or a saturating kernel moves far more than the model's
+    sensitivity (onnxruntime's saturating u8 x s8 kernels on ResNet-20 W8A8: 0.233 where it is 0; one layer's
+    weights negated: 75 % of the largest logit).
     """
     import onnxruntime as ort
 
     images = images.detach().float().cpu()
-    expected = qmodel.cpu()(images).float()
+    qmodel = qmodel.cpu()
+    expected = qmodel(images).float()
+    noise = (qmodel(images * (1 + 2**-20)).float() - expected).abs()
     session = onnx_session(path)
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]).float()
     if got.shape != expected.shape:
         return {"passed": False, "reason": f"output shape {tuple(got.shape)}, expected {tuple(expected.shape)}"}
     diff = (got - expected).abs()
     scale = expected.abs().max().clamp_min(1e-12)
+    tolerance = torch.maximum(4 * noise.median(), 1e-3 * scale)
     same = got.argmax(1) == expected.argmax(1)
     top2 = expected.topk(min(2, expected.shape[1]), dim=1).values
-    margin = top2[:, 0] - top2[:, -1]
-    ties = ~same & (margin <= 2 * diff.max(1).values)  # the two answers were a near-tie: not a wrong export
-    agreement = same.float().mean().item()
+    ties = ~same & (top2[:, 0] - top2[:, -1] <= 2 * torch.maximum(noise.max(1).values, tolerance))
     return {
-        "passed": bool((same | ties).float().mean() >= 0.9 and diff.median() <= 0.01 * scale),
+        "passed": bool((same | ties).float().mean() >= 0.9 and diff.median() <= tolerance),
         "images": len(images),
-        "agreement": round(100 * agreement, 2),
+        "agreement": round(100 * same.float().mean().item(), 2),
         "near_ties": int(ties.sum()),
         "median_abs_diff": float(f"{diff.median():.3g}"),
         "max_abs_diff": float(f"{diff.max():.3g}"),
         "max_abs_logit": float(f"{scale:.3g}"),
+        "rounding_sensitivity": float(f"{noise.median():.3g}"),
         "runtime": f"onnxruntime {ort.__version__} (CPU, default optimisations)",
     }
