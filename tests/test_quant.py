@@ -369,3 +369,20 @@ def test_reconstruction_does_not_cut_the_graph_at_a_split():
     calib = create_calibration_set("gaussian", model, cfg, num_images=8)
     _, report = quantize(model, calib, BrevitasConfig(w_bits=4, a_bits=4, first_last_bits=None, reconstruct_iters=2))
     assert report["graph"] == "fx" and report["reconstruction"]["mode"] == "blocks"
+
+
+def test_a_graph_brevitas_cannot_align_falls_back_to_layerwise_quickly():
+    # DLA's tree of residual aggregations: Brevitas's scale-alignment loop never converges (it ran past 240 s in
+    # `bzq bench zoo`); capped, it fails fast and the model is quantized layerwise, saying why
+    import time
+
+    from brevitas_zeroshot import load_model
+
+    model, cfg = load_model("dla46_c", pretrained=False)
+    calib = create_calibration_set("gaussian", model, {**cfg, "input_size": (3, 32, 32)}, num_images=2)
+    start = time.perf_counter()
+    qmodel, report = quantize(model, calib, BrevitasConfig())
+    assert time.perf_counter() - start < 120
+    assert report["graph"] == "layerwise" and any("could not find a solution" in n for n in report["notes"])
+    with pytest.raises(BzqError, match="Brevitas graph mode cannot quantize"):
+        quantize(model, calib, BrevitasConfig(graph="fx"))

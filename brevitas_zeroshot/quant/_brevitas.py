@@ -3,6 +3,7 @@
 Talks to Brevitas's core API (``brevitas.graph``), not to the example scripts shipped in its wheel.
 """
 
+import contextlib
 import copy
 import logging
 import time
@@ -197,7 +198,19 @@ def build_quant_model(
             "signed": (qnn.QuantIdentity, {"act_quant": signed, "bit_width": ab, "return_quant_tensor": True}),
             "unsigned": (qnn.QuantIdentity, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True}),
         }
-        qmodel = quantize(graph, quant_identity_map=identity_map, compute_layer_map=layer_map, quant_act_map=act_map)
+        try:
+            with _residual_iterations_capped(graph):
+                qmodel = quantize(
+                    graph, quant_identity_map=identity_map, compute_layer_map=layer_map, quant_act_map=act_map
+                )
+        except Exception as e:  # e.g. DLA's tree of residuals: Brevitas's alignment loop does not converge
+            if config.graph == "fx":
+                raise BzqError(f"Brevitas graph mode cannot quantize {type(float_model).__name__}: {e}") from e
+            note = f"FX quantization failed ({type(e).__name__}: {str(e)[:200]}); used layerwise mode"
+            report["notes"].append(note)
+            _logger.warning("%s", note)
+            graph = None
+    if graph is not None:
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
         try:
             with torch.no_grad():
@@ -233,6 +246,25 @@ def build_quant_model(
         report["notes"].append("layerwise mode: BatchNorm stays in float, activations quantized at layer inputs")
     report["float_layers"] = _float_layers(qmodel)
     return qmodel.eval(), report
+
+
+@contextlib.contextmanager
+def _residual_iterations_capped(graph):
+    """Brevitas aligns the quantizers around every add and concatenation in a loop with a cap of 9999 passes, each
+    slower than the last; on some graphs (DLA) it never converges. Allow 10 passes per add/concatenation (DenseNet-121
+    needs 67 for 62), after which Brevitas raises and the caller falls back to layerwise mode."""
+    import brevitas.graph.quantize_impl as impl
+
+    joins = sum(
+        (n.op == "call_function" and n.target in [*impl.ADD_FNS, torch.cat])
+        or (n.op == "call_method" and n.target in impl.ADD_METHODS)
+        for n in graph.graph.nodes
+    )
+    saved, impl.MAX_RESIDUAL_ITERS = impl.MAX_RESIDUAL_ITERS, 10 * joins + 20
+    try:
+        yield
+    finally:
+        impl.MAX_RESIDUAL_ITERS = saved
 
 
 def _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report) -> None:
