@@ -386,3 +386,13 @@ def test_a_graph_brevitas_cannot_align_falls_back_to_layerwise_quickly():
     assert report["graph"] == "layerwise" and any("could not find a solution" in n for n in report["notes"])
     with pytest.raises(BzqError, match="Brevitas graph mode cannot quantize"):
         quantize(model, calib, BrevitasConfig(graph="fx"))
+
+
+def test_a_model_the_pt2e_quantizer_cannot_annotate_gets_one_clear_error():
+    # HRNet: X86InductorQuantizer raises "Input partition has more than one output node" (found by `bzq bench zoo`)
+    from brevitas_zeroshot import load_model
+
+    model, cfg = load_model("hrnet_w18_small", pretrained=False)
+    calib = create_calibration_set("gaussian", model, {**cfg, "input_size": (3, 32, 32)}, num_images=2)
+    with pytest.raises(BzqError, match=r"X86InductorQuantizer cannot annotate HighResolutionNet.*--backend brevitas"):
+        quantize(model, calib, PT2EConfig())

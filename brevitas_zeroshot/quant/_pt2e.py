@@ -102,7 +102,14 @@ def quantize_pt2e(float_model: nn.Module, calibration, config: PT2EConfig | None
     model = copy.deepcopy(float_model).eval()
     device = next(model.parameters()).device
     program = export_program(model, batches.example(2).to(device))
-    prepared = prepare_pt2e(program.module(), quantizer)
+    try:
+        prepared = prepare_pt2e(program.module(), quantizer)
+    except Exception as e:  # e.g. X86InductorQuantizer on HRNet: "Input partition has more than one output node"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise BzqError(
+            f"{type(quantizer).__name__} cannot annotate {type(float_model).__name__} ({type(e).__name__}: {first}); "
+            "use the Brevitas backend (--backend brevitas), or pass a Quantizer of your own."
+        ) from e
     for images in progress(batches, desc="calibration", unit="batch"):
         prepared(images.to(device))
     converted = convert_pt2e(prepared)
