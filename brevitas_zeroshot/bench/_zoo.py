@@ -173,7 +173,9 @@ def _check_model(spec: str, config: dict, path: str) -> None:
         parity = report["onnx_parity"]
         if not parity["passed"]:
             raise RuntimeError(
-                f"parity failed: agreement {parity.get('agreement')} %, median |diff| {parity.get('median_abs_diff')}"
+                f"parity failed: agreement {parity.get('agreement')} %, median |diff| {parity.get('median_abs_diff')} "
+                f"(rounding sensitivity {parity.get('rounding_sensitivity')}, largest logit "
+                f"{parity.get('max_abs_logit')})"
             )
         return None, {"max_abs_diff": parity["max_abs_diff"]}
 
