@@ -180,12 +180,7 @@ def build_quant_model(
                 model, equalize_iters=config.equalize_iters, merge_bn=True, relu6_to_relu=False
             )
         except Exception as e:
-            if config.graph == "fx":
-                raise BzqError(
-                    f"Brevitas could not trace {type(float_model).__name__}: {e}; try graph=layerwise."
-                ) from e
-            report["notes"].append(f"FX tracing failed ({type(e).__name__}: {str(e)[:200]}); used layerwise mode")
-            _logger.warning("Brevitas graph mode cannot trace this model (%s); falling back to layerwise mode.", e)
+            _fx_failed(config, float_model, "trace", e, report)
     if graph is not None:
         layer_map = {k: v for k, v in COMPUTE_LAYER_MAP.items()}
         for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
@@ -204,11 +199,7 @@ def build_quant_model(
                     graph, quant_identity_map=identity_map, compute_layer_map=layer_map, quant_act_map=act_map
                 )
         except Exception as e:  # e.g. DLA's tree of residuals: Brevitas's alignment loop does not converge
-            if config.graph == "fx":
-                raise BzqError(f"Brevitas graph mode cannot quantize {type(float_model).__name__}: {e}") from e
-            note = f"FX quantization failed ({type(e).__name__}: {str(e)[:200]}); used layerwise mode"
-            report["notes"].append(note)
-            _logger.warning("%s", note)
+            _fx_failed(config, float_model, "quantize", e, report)
             graph = None
     if graph is not None:
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
@@ -217,11 +208,7 @@ def build_quant_model(
                 qmodel.eval()(torch.zeros(2, *input_size, device=next(qmodel.parameters()).device))
             report["graph"] = "fx"
         except Exception as e:  # an op Brevitas's quant tensors do not support (e.g. .mean in squeeze-excite)
-            if config.graph == "fx":
-                raise BzqError(f"Brevitas graph mode cannot run {type(float_model).__name__}: {e}") from e
-            note = f"FX-quantized model failed to run ({type(e).__name__}: {str(e)[:200]}); used layerwise mode"
-            report["notes"].append(note)
-            _logger.warning("%s", note)
+            _fx_failed(config, float_model, "run", e, report)
             graph = None
     if graph is None:
         model = prepare_for_brevitas(float_model, input_size)  # a fresh copy: a failed FX pass may have merged BN
@@ -246,6 +233,16 @@ def build_quant_model(
         report["notes"].append("layerwise mode: BatchNorm stays in float, activations quantized at layer inputs")
     report["float_layers"] = _float_layers(qmodel)
     return qmodel.eval(), report
+
+
+def _fx_failed(config: BrevitasConfig, model: nn.Module, step: str, e: Exception, report: dict) -> None:
+    """With ``graph="fx"`` a failed graph-mode ``step`` (trace, quantize, run) is an error; with ``auto`` it is a
+    note, and the caller goes on in layerwise mode."""
+    if config.graph == "fx":
+        raise BzqError(f"Brevitas graph mode cannot {step} {type(model).__name__}: {e}; try graph=layerwise.") from e
+    note = f"FX mode could not {step} the model ({type(e).__name__}: {str(e)[:200]}); used layerwise mode"
+    report["notes"].append(note)
+    _logger.warning("%s", note)
 
 
 @contextlib.contextmanager
