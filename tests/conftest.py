@@ -72,3 +72,10 @@ def random_r20():
             m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
     return model, cfg
+
+
+def have_cxx() -> bool:
+    """Whether a C++ compiler is on PATH (Inductor needs one to compile a program on the CPU)."""
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))

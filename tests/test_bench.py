@@ -95,7 +95,7 @@ def test_latency_bench_times_the_deployed_runtime_and_sizes(backend, tmp_path):
     import sys
 
     import torch
-    from conftest import random_r20
+    from conftest import have_cxx, random_r20
 
     from brevitas_zeroshot._pipeline import PipelineConfig, run_pipeline
 
@@ -117,7 +117,10 @@ def test_latency_bench_times_the_deployed_runtime_and_sizes(backend, tmp_path):
     result = json.loads(done.stdout)
     runtimes = [row["runtime"] for row in result["rows"]]
     deployed = "inductor (torch.compile)" if backend == "pt2e" else "onnxruntime (default optimisations)"
-    assert runtimes == ["pytorch eager", deployed]
+    if backend == "pt2e" and not have_cxx():  # Inductor cannot compile: the bench says so and times eager only
+        assert runtimes == ["pytorch eager"] and result["notes"][0].startswith("not compiled")
+    else:
+        assert runtimes == ["pytorch eager", deployed]
     assert all(row["float_ms"] > 0 and row["quantized_ms"] > 0 for row in result["rows"])
     sizes = result["sizes"]
     assert sizes["file"] == ("model.pt2" if backend == "pt2e" else "model.onnx")

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import have_cxx
 
 from brevitas_zeroshot.synth import CalibrationSet
 
@@ -167,8 +168,10 @@ def test_pt2e_quantize_and_eval_of_its_folder(resnet20_weights, cifar_train_cali
     ev = run("eval", str(out), "--data", str(cifar_train_calib), "--limit", "50", "--workers", "0", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["top1"] == json.loads(done.stdout)["quantized"]["top1"]
-    # both evaluated the program as deployed: compiled by Inductor (int8 kernels)
-    assert json.loads(done.stdout)["quantized"]["runtime"] == json.loads(ev.stdout)["runtime"] == "inductor"
+    # both evaluated the program as deployed: compiled by Inductor (int8 kernels), where a C++ compiler exists
+    runtime = json.loads(done.stdout)["quantized"]["runtime"]
+    assert runtime == json.loads(ev.stdout)["runtime"]
+    assert runtime == "inductor" if have_cxx() else runtime.startswith("eager (torch.compile failed")
 
 
 def test_quantize_resumes_its_synthesis_and_overwrite_replaces_a_different_one(resnet20_weights, tmp_path):
