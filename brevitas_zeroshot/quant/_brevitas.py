@@ -240,7 +240,7 @@ def _fx_failed(config: BrevitasConfig, model: nn.Module, step: str, e: Exception
     note, and the caller goes on in layerwise mode."""
     if config.graph == "fx":
         raise BzqError(f"Brevitas graph mode cannot {step} {type(model).__name__}: {e}; try graph=layerwise.") from e
-    note = f"FX mode could not {step} the model ({type(e).__name__}: {str(e)[:200]}); used layerwise mode"
+    note = f"FX mode failed to {step} the model ({type(e).__name__}: {str(e)[:200]}); used layerwise mode"
     report["notes"].append(note)
     _logger.warning("%s", note)
 
