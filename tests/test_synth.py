@@ -361,10 +361,10 @@ def test_micro_batches_give_the_whole_batch_statistics_gradient_and_set():
         whole_moments = stats.moments()
         whole = stats.loss(whole_moments)
         (whole_grad,) = torch.autograd.grad(whole, whole_x)
-        moments, _ = synth._group_moments(x, stats, contextlib.nullcontext())  # 3 + 3 + 3 + 1 images
+        moments, _ = synth._group_moments(x, stats, contextlib.nullcontext(), 10)  # 3 + 3 + 3 + 1 images
         assert torch.allclose(moments, whole_moments.detach(), rtol=1e-5, atol=1e-6)
         leaf = x.clone().requires_grad_()
-        _, bn = synth._micro_batched_backward(leaf, leaf * 1.0, target, stats, contextlib.nullcontext())
+        _, bn = synth._group_backward(leaf, leaf * 1.0, target, stats, contextlib.nullcontext(), 10)
         assert torch.allclose(bn, whole.detach(), rtol=1e-5)
         assert torch.allclose(leaf.grad, whole_grad, rtol=1e-4, atol=1e-3 * whole_grad.abs().max().item())
     sets = [
