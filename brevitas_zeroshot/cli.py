@@ -20,7 +20,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-bench_app = typer.Typer(help="Benchmarks (not tests): synthesis speed and quantized quality.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks (not tests): synthesis speed, quantized quality, deployed latency, the zoo matrix.",
+    no_args_is_help=True,
+)
 recipe_app = typer.Typer(help="Tested recipes for the timm model zoo.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(recipe_app, name="recipe")
