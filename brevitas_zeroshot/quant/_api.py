@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .._errors import BzqError
+from .._errors import BzqError, first_line
 from .._files import WRITER, read_own_record, write_atomic
 from .._utils import library_versions
 from ..synth import CalibrationSet
@@ -137,7 +137,7 @@ def load_quantized(source: str | Path, device: str | torch.device | None = None)
         files = ", ".join(str(folder / f) for f in meta.get("files", {}).values() if f)
         raise BzqError(
             f"cannot load the quantized model in '{folder}' ({files}, {QUANT_CONFIG}): {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}; rerun `bzq quantize` to rewrite it."
+            f"{first_line(e)}; rerun `bzq quantize` to rewrite it."
         ) from e
 
 

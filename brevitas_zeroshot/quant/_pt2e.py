@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import BzqError
+from .._errors import BzqError, first_line
 from .._files import write_atomic
 from .._utils import has_int8_dot_product, progress
 from ._registry import as_batches, register_backend
@@ -82,7 +82,7 @@ def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
     try:
         return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = first_line(e, 300, type(e).__name__)
         raise BzqError(
             f"torch.export cannot capture {type(model).__name__}: {type(e).__name__}: {first}. "
             "Try the Brevitas backend (--backend brevitas)."
@@ -105,7 +105,7 @@ def quantize_pt2e(float_model: nn.Module, calibration, config: PT2EConfig | None
     try:
         prepared = prepare_pt2e(program.module(), quantizer)
     except Exception as e:  # e.g. X86InductorQuantizer on HRNet: "Input partition has more than one output node"
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        first = first_line(e)
         raise BzqError(
             f"{type(quantizer).__name__} cannot annotate {type(float_model).__name__} ({type(e).__name__}: {first}); "
             "use the Brevitas backend (--backend brevitas), or pass a Quantizer of your own."
@@ -166,7 +166,7 @@ def compile_program(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module,
         compiled(example)
         return compiled, "inductor"
     except Exception as e:  # no C++ compiler, an operator Inductor cannot lower...
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        first = first_line(e)
         _logger.warning("torch.compile failed (%s: %s); running the eager program", type(e).__name__, first)
         return model, f"eager (torch.compile failed: {type(e).__name__}: {first})"
 
