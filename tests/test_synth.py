@@ -373,4 +373,9 @@ def test_micro_batches_give_the_whole_batch_statistics_gradient_and_set():
         )
         for m in (0, 3)
     ]
-    assert (sets[0].images - sets[1].images).abs().max() < 1e-3
+    # Adam divides by the gradient's running RMS, so a pixel whose gradient is ~0 can take a different step from
+    # float summation order alone (at most 2 * lr per step); the set must agree everywhere else.
+    diff = (sets[0].images - sets[1].images).abs()
+    assert diff.mean() < 1e-5, diff.mean()
+    assert (diff > 1e-3).float().mean() < 1e-3, (diff > 1e-3).float().mean()
+    assert diff.max() < 0.1, diff.max()  # less than one Adam step at the default lr
