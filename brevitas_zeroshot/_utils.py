@@ -49,6 +49,11 @@ def has_int8_dot_product() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def has_native_bf16() -> bool:
+    """Whether this x86 CPU computes in bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def machine() -> dict:
     """The CPU (model name and the flags that decide our kernels), threads, platform and GPU: recorded beside every
     benchmark figure."""

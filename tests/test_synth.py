@@ -379,3 +379,54 @@ def test_micro_batches_give_the_whole_batch_statistics_gradient_and_set():
     assert diff.mean() < 1e-5, diff.mean()
     assert (diff > 1e-3).float().mean() < 1e-3, (diff > 1e-3).float().mean()
     assert diff.max() < 0.1, diff.max()  # less than one Adam step at the default lr
+
+
+def test_low_res_steps_show_half_size_images_then_full_size_with_the_learning_rate_restarted(r20, monkeypatch):
+    model, cfg = r20
+    sizes, lrs = [], []
+    hook = model.conv1.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[-2:])))
+    step = torch.optim.Adam.step
+
+    def recording_step(opt, *a, **k):
+        lrs.append(opt.param_groups[0]["lr"])
+        return step(opt, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    try:
+        result = Synthesiser(model, cfg, num_images=8, batch_size=8, iterations=10, low_res=0.6).generate(
+            show_progress=False
+        )
+    finally:
+        hook.remove()
+    assert sizes[:6] == [(16, 16)] * 6 and sizes[6:10] == [(32, 32)] * 4  # then the final statistics pass
+    assert result.images.shape[-2:] == (32, 32)
+    assert lrs[0] == lrs[6] == pytest.approx(0.1) and lrs[5] < 0.02 and lrs[9] < lrs[6]
+    # The default: half resolution for ImageNet-size inputs only, recorded resolved in the manifest.
+    assert Synthesiser(model, cfg, **TINY).manifest()["config"]["low_res"] == 0.0
+    big = {**cfg, "input_size": (3, 128, 128)}
+    assert Synthesiser(model, big, **TINY).manifest()["config"]["low_res"] == 0.8
+    with pytest.raises(BzqError, match="low_res"):
+        SynthesisConfig(low_res=1.0)
+
+
+def test_bf16_is_used_only_where_the_cpu_has_it_and_it_measures_faster(r20, monkeypatch):
+    from brevitas_zeroshot import _utils
+
+    model, cfg = r20
+    monkeypatch.setattr(_utils, "cpu_flags", lambda: frozenset({"avx2"}))  # no native bf16: fp32 without a probe
+    plain = Synthesiser(model, cfg, "cpu", **TINY).generate(show_progress=False)
+    assert plain.meta["precision"] == "fp32" and plain.meta["config"]["precision"] == "auto"
+    timings = []
+    real_counter = synthesiser_module.time.perf_counter
+    monkeypatch.setattr(_utils, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(synthesiser_module.time, "perf_counter", lambda: timings.append(1) or real_counter())
+    probed = Synthesiser(model, cfg, "cpu", **TINY)
+    with probed._synthesis_mode():
+        assert probed.precision in ("fp32", "bf16")
+    assert len(timings) >= 12  # both precisions were timed, three passes each
+    forced = Synthesiser(model, cfg, "cpu", precision="bf16", **TINY).generate(show_progress=False)
+    assert forced.meta["precision"] == "bf16" and torch.isfinite(forced.images).all()
+    assert forced.meta["batches"][0]["bn_loss_final"] < forced.meta["batches"][0]["bn_loss_start"]
+    assert (forced.images - plain.images).abs().mean() < 0.1  # bf16 rounding, not a different method
+    with pytest.raises(BzqError, match="precision"):
+        SynthesisConfig(precision="fp16")

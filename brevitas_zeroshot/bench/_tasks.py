@@ -27,7 +27,7 @@ class BenchTask:
     checkpoint: str | None  # None: the model's packaged or pretrained weights
     calib: str  # archive of real calibration images
     eval: str  # archive of held-out evaluation images
-    split: str = "none"  # how one archive is cut into calib/eval: "none", "half-per-class", "class-mod-4"
+    split: str = "none"  # how one archive is cut into calib/eval: a key of _SPLITS
     note: str = ""
 
 
@@ -70,6 +70,17 @@ for _model in ("tf_efficientnet_lite0", "mobilenetv2_100"):
             note="real: the 250 sample images of classes 0, 4, 8...; eval: the 250 of classes 2, 6, 10...",
         ),
     )
+    register_task(
+        f"{_model}:tune",
+        BenchTask(
+            _model,
+            None,
+            _IMAGENET,
+            _IMAGENET,
+            split="class-mod-4-swapped",
+            note="tuning split: real from the 250 sample images of classes 2, 6, 10...; eval on classes 0, 4, 8...",
+        ),
+    )
 
 
 def shared_benchmarks() -> Path:
@@ -99,6 +110,7 @@ def resolve_task(name: str, shared: Path | None = None) -> tuple[BenchTask, Path
 _SPLITS: dict[str, Callable[[int, int], str | None]] = {
     "half-per-class": lambda i, label: "calib" if i < 50 else "eval",
     "class-mod-4": lambda i, label: {0: "calib", 2: "eval"}.get(label % 4),
+    "class-mod-4-swapped": lambda i, label: {2: "calib", 0: "eval"}.get(label % 4),
 }
 
 
