@@ -485,10 +485,11 @@ def bench_synthesis(
     peer: Annotated[
         bool, typer.Option("--peer", help="Also time Sony MCT's generator step on the same batch (bench extra).")
     ] = False,
+    low_res: LowResOpt = _SYN.low_res,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Time one synthesis step against a bare forward+backward of the same model and batch, and their ratio."""
+    """Time one synthesis step (full and half size) against a bare forward+backward of the same model and batch."""
     import torch
 
     from .bench import benchmark_synthesis
@@ -498,7 +499,7 @@ def bench_synthesis(
         torch.set_num_threads(threads)
     net, data_config = load_model(model, checkpoint=checkpoint, pretrained=pretrained)
     result = benchmark_synthesis(
-        net, data_config, batch_size=batch_size, steps=steps, repeats=repeats, device=device, peer=peer
+        net, data_config, batch_size=batch_size, steps=steps, repeats=repeats, device=device, peer=peer, low_res=low_res
     )
     _emit(result, as_json, f"synthesis benchmark for {model}")
 

@@ -150,3 +150,18 @@ def test_zoo_matrix_records_each_step_resumes_and_times_out(tmp_path):
     assert (out / "models" / "resnet10t.json").stat().st_mtime_ns == stamp  # done models are not run again
     late = short["models"][1]["steps"]
     assert any(s["status"] == "timeout" and "10 s budget" in s["reason"] for s in late.values())
+
+
+def test_synthesis_benchmark_times_the_half_and_full_size_steps_of_the_schedule():
+    import timm
+
+    from brevitas_zeroshot.bench import benchmark_synthesis
+
+    net = timm.create_model("mobilenetv2_035", pretrained=False, num_classes=10).eval()
+    cfg = {"input_size": (3, 128, 128), "mean": (0.5,) * 3, "std": (0.5,) * 3, "num_classes": 10}
+    r = benchmark_synthesis(net, cfg, batch_size=8, steps=3, repeats=3, device="cpu")
+    assert r["low_res"] == 0.8 and r["precision"] in ("fp32", "bf16")
+    assert r["low_res_step_s"] < 0.8 * r["synthesis_step_s"]  # a quarter of the pixels
+    mixed = 0.8 * r["low_res_step_s"] + 0.2 * r["synthesis_step_s"]
+    assert r["set_cost_vs_fwd_bwd"] == pytest.approx(mixed / r["forward_backward_s"])
+    assert r["images_per_s"] == pytest.approx(8 / (mixed * r["iterations"]))

@@ -32,7 +32,8 @@ def benchmark_synthesis(
     peer: bool = False,
     **settings,
 ) -> dict:
-    """Seconds per synthesis step and per bare forward+backward (input gradient, frozen weights), and their ratio.
+    """Seconds per synthesis step (at full and at half size) and per bare forward+backward (input gradient, frozen
+    weights), their ratio, and what a whole set costs under the ``low_res`` schedule against plain passes.
 
     Both are timed in the same process, interleaved ``repeats`` times; the medians are reported. The synthesis step
     is the real loop (``steps`` iterations minus a 0-iteration run, so setup and the final pass cancel out).
@@ -58,8 +59,11 @@ def benchmark_synthesis(
             _sync(device)
             return time.perf_counter() - t
 
-    def synth(n: int) -> float:
+    low_res = calib.config.low_res
+
+    def synth(n: int, low: bool = False) -> float:
         calib.config.iterations = n
+        calib.config.low_res = 1 - 1 / (2 * n + 2) if low else 0.0  # every step at half or at full size
         _sync(device)
         t = time.perf_counter()
         calib.generate(show_progress=False)
@@ -78,13 +82,18 @@ def benchmark_synthesis(
     bare(2), synth(2)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bare_times, synth_times, mct_times = [], [], []
+    bare_times, synth_times, low_times, mct_times = [], [], [], []
     for _ in range(repeats):
         bare_times.append(bare(steps) / steps)
         synth_times.append((synth(steps) - synth(0)) / steps)
+        if low_res:
+            low_times.append((synth(steps, low=True) - synth(0)) / steps)
         if peer:  # MCT's setup (copy, trace) cancels out in the difference
             mct_times.append((mct(2 * steps) - mct(steps)) / steps)
     step, fwd_bwd = statistics.median(synth_times), statistics.median(bare_times)
+    low_step = statistics.median(low_times) if low_res else step
+    mean_step = low_res * low_step + (1 - low_res) * step  # the schedule's average step
+    calib.config.iterations, calib.config.low_res = iterations, low_res
     extra = {}
     if peer:
         mct_step = statistics.median(mct_times)
@@ -92,7 +101,7 @@ def benchmark_synthesis(
             "mct_step_s": mct_step,
             "mct_iterations": 500,
             # wall time for the same images, each with its default number of iterations
-            "time_vs_mct": (step * iterations) / (mct_step * 500),
+            "time_vs_mct": (mean_step * iterations) / (mct_step * 500),
         }
     return {
         "model": calib.manifest()["model"],
@@ -103,8 +112,13 @@ def benchmark_synthesis(
         "synthesis_step_s": step,
         "forward_backward_s": fwd_bwd,
         "ratio": step / fwd_bwd,
+        "low_res": low_res,
+        "low_res_step_s": low_step,
+        "precision": calib.precision,
         "iterations": iterations,
-        "images_per_s": batch_size / (step * iterations),
+        # a whole set under the schedule, against the same number of plain full-size forward+backward passes
+        "set_cost_vs_fwd_bwd": mean_step / fwd_bwd,
+        "images_per_s": batch_size / (mean_step * iterations),
         "peak_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20)
         if device.type == "cuda"
         else _peak_rss_mib(),
