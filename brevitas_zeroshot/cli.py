@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ._errors import BzqError, BzqInterrupted, BzqPartial
+from ._utils import keep_freed_memory
 from .synth._synthesiser import SynthesisConfig
 
 app = typer.Typer(
@@ -92,6 +93,7 @@ def _root(
 ) -> None:
     global _debug
     _debug = debug
+    keep_freed_memory()  # synthesis, calibration and evaluation all reallocate large activations
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
     )

@@ -430,3 +430,28 @@ def test_bf16_is_used_only_where_the_cpu_has_it_and_it_measures_faster(r20, monk
     assert (forced.images - plain.images).abs().mean() < 0.1  # bf16 rounding, not a different method
     with pytest.raises(BzqError, match="precision"):
         SynthesisConfig(precision="fp16")
+
+
+def test_keeping_freed_memory_makes_large_allocations_cheap():
+    import platform
+    import subprocess
+    import sys
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator setting is for glibc only")
+    code = """
+import time, torch
+from brevitas_zeroshot._utils import keep_freed_memory
+torch.set_num_threads(1)
+x = torch.randn(16, 96, 112, 112)
+def best():
+    times = []
+    for _ in range(5):
+        start = time.perf_counter(); y = x * x; times.append(time.perf_counter() - start); del y
+    return min(times)
+before = best()
+assert keep_freed_memory()
+print(before / best())
+"""
+    speedup = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert speedup > 1.5, speedup  # 3-5x measured: the 77 MB result is no longer page-faulted in each time

