@@ -138,6 +138,21 @@ def test_refuses_other_sets_models_and_sizes(r20, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
+def test_a_set_made_before_settings_were_added_is_still_the_same_set(r20, tmp_path, monkeypatch):
+    model, cfg = r20
+    made = Synthesiser(model, cfg, seed=1, **TINY).generate(tmp_path / "s", show_progress=False)
+    path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for added in ("micro_batch", "low_res", "precision"):
+        del manifest["config"][added]
+    path.write_text(json.dumps(manifest))
+    monkeypatch.setattr(Synthesiser, "_optimise", lambda *a, **k: pytest.fail("the set was made again"))
+    again = Synthesiser(model, cfg, seed=1, **TINY).generate(tmp_path / "s", show_progress=False)
+    assert torch.equal(again.images, made.images)
+    with pytest.raises(BzqError, match="holds a different synthetic set"):  # a setting it did not have
+        Synthesiser(model, cfg, seed=1, low_res=0.5, **TINY).generate(tmp_path / "s", show_progress=False)
+
+
 def test_model_without_batchnorm_is_refused():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
     with pytest.raises(BzqError, match="no BatchNorm layer.*--calib gaussian"):

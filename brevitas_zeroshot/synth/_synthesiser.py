@@ -82,6 +82,9 @@ def _barrier(world: int) -> None:
 
 
 _logger = logging.getLogger(__name__)
+# Settings added after sets were first written, with the value that reproduces those sets: an older set with
+# otherwise equal settings is the same set (it resumes and is reused).
+_ADDED = {"micro_batch": 0, "low_res": 0.0, "precision": "auto"}
 
 
 @dataclass
@@ -323,6 +326,10 @@ class Synthesiser:
         old = own_manifest(folder) if folder.is_dir() else None
         staging = folder / STAGING
         key = (manifest["fingerprint"], manifest["config"])
+
+        def key_of(record: dict | None) -> tuple | None:  # settings added since a set was made: their old behaviour
+            return None if record is None else (record.get("fingerprint"), {**_ADDED, **(record.get("config") or {})})
+
         if old is None:
             if folder.is_dir():
                 refuse_foreign(folder, [PREVIEW, *map(shard_name, self._batches())], "is not part of a bzq set")
@@ -332,7 +339,7 @@ class Synthesiser:
                         "(with --overwrite the set is written beside the files there, which are left alone)."
                     )
             work = folder
-        elif (old.get("fingerprint"), old.get("config")) == key:
+        elif key_of(old) == key:
             if old.get("complete"):
                 check_compatible(old, folder, self.model, self.data_config)
                 if write and staging.exists():
@@ -348,7 +355,7 @@ class Synthesiser:
         else:
             work = staging
             partial = own_manifest(staging) if staging.is_dir() else None
-            if write and staging.exists() and (partial is None or (partial["fingerprint"], partial["config"]) != key):
+            if write and staging.exists() and key_of(partial) != key:
                 shutil.rmtree(staging)  # an earlier replacement with other settings: all bzq's own
         if write:
             work.mkdir(parents=True, exist_ok=True)
