@@ -182,6 +182,28 @@ def test_model_torch_export_cannot_capture_gets_a_clear_error():
         quantize(model, calib, PT2EConfig())
 
 
+def test_mse_activation_ranges_clip_tighter_and_err_less_than_percentiles_at_4_bits():
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=64)
+    x = torch.cat([images for images, _ in calib.loader(64)])
+    with torch.no_grad():
+        reference = model.eval()(x)
+    results = {}
+    for act_range in ("percentile", "mse"):
+        qmodel, _ = build_quant_model(model, BrevitasConfig(w_bits=8, a_bits=4, act_range=act_range), (3, 32, 32))
+        calibrate(qmodel, calib.loader(32))
+        scales = [
+            m.scale().item() for name, m in qmodel.named_modules() if name.endswith("act_quant") and m.is_quant_enabled
+        ]
+        with torch.no_grad():
+            error = (_value(qmodel(x)) - reference).pow(2).mean().item()
+        results[act_range] = (sum(scales) / len(scales), error)
+    assert results["mse"][0] < 0.9 * results["percentile"][0], results  # 4 bits: clip well inside the tail
+    assert results["mse"][1] < results["percentile"][1], results
+    with pytest.raises(BzqError, match="act_range"):
+        BrevitasConfig(act_range="max")
+
+
 @pytest.mark.parametrize("kwargs", [dict(a_bits=1), dict(w_bits=32), dict(graph="onnx"), dict(gptq=True, gpfq=True)])
 def test_impossible_brevitas_configs_are_refused(kwargs):
     with pytest.raises(BzqError):

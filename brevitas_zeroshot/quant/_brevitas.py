@@ -34,6 +34,7 @@ class BrevitasConfig:
     first_last_bits: int | None = 8  # None: the first and last layers get w_bits/a_bits too
     weight_granularity: str = "per_channel"  # or "per_tensor"
     act_percentile: float = 99.999
+    act_range: str = "percentile"  # how calibration sets activation ranges: "percentile" or "mse" (error search)
     equalize_iters: int = 20
     gptq: bool | None = None  # None: on when w_bits < 8
     gpfq: bool = False
@@ -57,6 +58,8 @@ class BrevitasConfig:
             raise BzqError("graph must be 'auto', 'fx' or 'layerwise'.")
         if self.gptq and self.gpfq:
             raise BzqError("choose GPTQ or GPFQ, not both.")
+        if self.act_range not in ("percentile", "mse"):
+            raise BzqError(f"act_range must be 'percentile' or 'mse', not {self.act_range!r}.")
         if not 0 < self.act_percentile <= 100:
             raise BzqError("act_percentile must be in (0, 100].")
         if self.reconstruct_iters < 1:
@@ -133,6 +136,10 @@ def _quantizers(config: BrevitasConfig):
     base = Int8WeightPerChannelFloat if config.weight_granularity == "per_channel" else Int8WeightPerTensorFloat
     # Parameter-from-stats scaling: with the default runtime-stats scale GPTQ silently changes nothing.
     weight = base.let(scaling_impl=ParameterFromStatsFromParameterScaling)
+    if config.act_range == "mse":  # the clipping range that minimises the quantization error on the calibration set
+        from brevitas.quant import Int8ActPerTensorFloatMSE, Uint8ActPerTensorFloatMSE
+
+        return weight, Int8ActPerTensorFloatMSE, Uint8ActPerTensorFloatMSE, Int32Bias
     signed = Int8ActPerTensorFloat.let(high_percentile_q=config.act_percentile)
     unsigned = Uint8ActPerTensorFloat.let(high_percentile_q=config.act_percentile)
     return weight, signed, unsigned, Int32Bias
