@@ -75,6 +75,16 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the process could still allocate on ``device`` (CUDA: free device memory; CPU on Linux: MemAvailable);
+    None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    return None
+
+
 def machine() -> dict:
     """The CPU (model name and the flags that decide our kernels), threads, platform and GPU: recorded beside every
     benchmark figure."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from .._errors import BzqError
 from .._files import STAGING, refuse_foreign, swap_in
-from .._utils import has_native_bf16, keep_freed_memory, library_versions, progress, resolve_device
+from .._utils import free_memory, has_native_bf16, keep_freed_memory, library_versions, progress, resolve_device
 from ..models import resolve_data_config
 from ._bn import BN_LOSSES, BNStatistics, check_bn_statistics, find_bn_layers
 from ._set import (
@@ -113,9 +113,10 @@ class SynthesisConfig:
     smooth: float = 1.25  # sigma (pixels) of a 3x3 Gaussian low-pass on the finished images only (0: off)
     seed: int = 0
     max_restarts: int = 3
-    # images per forward pass (0: the whole batch). The statistics are still those of the whole batch, exactly:
-    # moments are averaged over the micro-batches first, then each back-propagates its share. Memory is bounded by
-    # the micro-batch; a step costs about 1.5x (one more forward pass). The set is the same to float tolerance.
+    # images per forward pass (0: the whole batch if its graph fits in half the free memory, else as many as do).
+    # The statistics are still those of the whole batch, exactly: moments are averaged over the micro-batches first,
+    # then each back-propagates its share. Memory is bounded by the micro-batch; a step costs about 1.5x (one more
+    # forward pass). The set is the same to float tolerance.
     micro_batch: int = 0
     # Multi-resolution schedule (DeepInversion): this fraction of the iterations shows the model the images at
     # half their side, about 4x cheaper; the rest, with the learning rate's cosine restarted, at full size.
@@ -137,7 +138,7 @@ class SynthesisConfig:
         if self.iterations < 0:
             raise BzqError("iterations must be 0 or more.")
         if self.micro_batch < 0:
-            raise BzqError("micro_batch must be 0 (the whole batch in one pass) or more.")
+            raise BzqError("micro_batch must be 0 (the whole batch, if it fits in memory) or more.")
         if self.batch_size % self.draws:
             raise BzqError(f"batch_size ({self.batch_size}) must be a multiple of draws ({self.draws}).")
         if self.parameterization == "pixel" and self.draws != 1:
@@ -229,6 +230,7 @@ class Synthesiser:
         self.low, self.high = ((0 - mean) / std).to(self.device), ((1 - mean) / std).to(self.device)
         self.history: list[torch.Tensor] = []  # BN loss per iteration, one tensor per batch
         self.precision: str | None = None  # decided when synthesis starts (``auto`` may time a probe)
+        self._graph_bytes: dict[tuple[int, int], float] = {}  # autograd memory per image, by input side
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -500,14 +502,15 @@ class Synthesiser:
                 x = F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), blur, groups=c)
             return torch.max(torch.min(x, self.high), self.low) if distribution or blur is not None else x
 
-        grouped = world > 1 or 0 < cfg.micro_batch < n
         switch = round(cfg.low_res * cfg.iterations)  # the first full-size step
+        size = self._pass_size(i1 - i0, (h // 2, w // 2) if switch else (h, w), stats, amp)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(switch or cfg.iterations, 1))
         for step in range(cfg.iterations):
             if step == switch and step:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations - switch)
+                size = self._pass_size(i1 - i0, (h, w), stats, amp)
             x = sample()
             if pad:  # one random window for the whole batch (drawn in Python: no device sync)
                 top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
@@ -516,8 +519,8 @@ class Synthesiser:
             xa = self._augment(x, rng)
             if step < switch:
                 xa = F.interpolate(xa, size=(h // 2, w // 2), mode="area")
-            if grouped:
-                loss, bn = self._group_backward(x, xa, target, stats, amp, n)
+            if world > 1 or size < len(xa):
+                loss, bn = self._group_backward(x, xa, target, stats, amp, n, size)
             else:
                 with amp:
                     logits = self.model(xa)
@@ -542,7 +545,7 @@ class Synthesiser:
             if cfg.smooth > 0:  # GPTQ and bias correction otherwise fit the pixel noise the BN loss leaves in
                 k = _gaussian_kernel(cfg.smooth, c, dev, radius=1)
                 x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k, groups=c)
-            moments, logits = self._group_moments(x.contiguous(memory_format=torch.channels_last), stats, amp, n)
+            moments, logits = self._group_moments(x.contiguous(memory_format=torch.channels_last), stats, amp, n, size)
             per_channel = stats.channel_loss(moments)
             history[cfg.iterations] = (per_channel * stats.channel_weight).sum()
             hits = (logits.float().argmax(1) == target).sum().float() if len(x) else torch.zeros((), device=dev)
@@ -559,6 +562,28 @@ class Synthesiser:
         }
         return x.contiguous().float().cpu(), summary
 
+    def _pass_size(self, images: int, side: tuple[int, int], stats: BNStatistics, amp) -> int:
+        """Images per forward pass with a graph: ``micro_batch`` if set; else all ``images``, unless their graph would
+        take more than half the free memory, then as many as fit (the batch's statistics are still matched exactly).
+        The graph's size per image is measured once per input side (what autograd saves for 2 images)."""
+        if self.config.micro_batch:
+            return self.config.micro_batch
+        free = free_memory(self.device)
+        if free is None or not images:
+            return max(images, 1)
+        if side not in self._graph_bytes:
+            saved = []
+            probe = torch.zeros(2, self.data_config["input_size"][0], *side, device=self.device)
+            probe = probe.contiguous(memory_format=torch.channels_last).requires_grad_()
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t), amp:
+                self.model(probe)
+            stats.moments()  # the probe's, discarded
+            self._graph_bytes[side] = 1.5 * sum(saved) / 2  # and the gradients flowing back through it
+        fits = int(0.5 * free / self._graph_bytes[side])
+        if fits < images:
+            _logger.info("%d images at %dx%d do not fit in memory at once: passes of %d", images, *side, max(fits, 1))
+        return max(1, min(images, fits))
+
     def _image_terms(self, x: torch.Tensor, logits: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor | float:
         """The optional per-image loss terms (cross-entropy unless ``logits`` is None, total variation, L2), as means
         over ``x``."""
@@ -572,10 +597,12 @@ class Synthesiser:
             loss = loss + cfg.l2_weight * x.pow(2).mean()
         return loss
 
-    def _group_moments(self, x: torch.Tensor, stats: BNStatistics, amp, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _group_moments(
+        self, x: torch.Tensor, stats: BNStatistics, amp, n: int, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """BN input moments of the whole batch of ``n`` images, of which this process holds ``x`` (passes of
-        ``micro_batch`` images; summed over processes), and the logits of ``x``. No graph is kept."""
-        size = self.config.micro_batch or max(len(x), 1)
+        ``size`` images; summed over processes), and the logits of ``x``. No graph is kept."""
+        size = max(size, 1)
         moments, logits = torch.zeros(2, stats.run_mean.numel(), device=self.device), []
         with torch.no_grad():
             for chunk in x.split(size):
@@ -584,7 +611,7 @@ class Synthesiser:
                 moments += stats.moments() * (len(chunk) / n)
         return _summed(moments, _distributed()[1]), torch.cat(logits) if logits else x.new_zeros(0)
 
-    def _group_backward(self, x, xa, target, stats, amp, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _group_backward(self, x, xa, target, stats, amp, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Back-propagate the loss of a whole batch of ``n`` images, of which this process holds ``xa`` (``x``
         before augmentation), exactly. One pass: the local moments are summed with the other processes' (whose
         share enters without a gradient). With ``micro_batch``: the batch's moments first, without a graph, then
@@ -592,7 +619,7 @@ class Synthesiser:
         own share of the moments. Returns the loss and the BN loss (detached)."""
         cfg, world = self.config, _distributed()[1]
         share = len(xa) / n
-        if not 0 < cfg.micro_batch < len(xa):
+        if size >= len(xa):
             logits = None
             local = torch.zeros(2, stats.run_mean.numel(), device=self.device)
             if len(xa):
@@ -607,12 +634,12 @@ class Synthesiser:
                 loss.backward()
             return loss.detach(), bn.detach()
         leaf = xa.detach().requires_grad_()
-        moments, _ = self._group_moments(leaf, stats, amp, n)
+        moments, _ = self._group_moments(leaf, stats, amp, n, size)
         moments.requires_grad_()
         bn = stats.loss(moments)
         (grad_moments,) = torch.autograd.grad(cfg.bn_weight * bn, moments)
         start = 0
-        for chunk in leaf.split(cfg.micro_batch):
+        for chunk in leaf.split(size):
             with amp:
                 logits = self.model(chunk)
             part = (grad_moments * stats.moments()).sum() * (len(chunk) / n)
