@@ -319,6 +319,12 @@ def quantize(
     reconstruct_iters: Annotated[
         int, typer.Option("--reconstruct-iters", min=1, help="brevitas: reconstruction steps per block.")
     ] = 300,
+    act_range: Annotated[
+        str | None,
+        typer.Option(
+            "--act-range", help="brevitas: activation ranges by percentile or mse (default: mse below 8 bits)."
+        ),
+    ] = None,
     target: Annotated[str, typer.Option("--target", help="pt2e: x86 (Inductor) or xnnpack (ExecuTorch).")] = "x86",
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export ONNX QCDQ (brevitas).")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a quantized model already in --out.")] = False,

@@ -34,7 +34,9 @@ class BrevitasConfig:
     first_last_bits: int | None = 8  # None: the first and last layers get w_bits/a_bits too
     weight_granularity: str = "per_channel"  # or "per_tensor"
     act_percentile: float = 99.999
-    act_range: str = "percentile"  # how calibration sets activation ranges: "percentile" or "mse" (error search)
+    # How calibration sets activation ranges: "percentile" (act_percentile) or "mse" (Brevitas's error search);
+    # None: mse below 8-bit activations (measured better at W4A4, docs/method.md), percentile otherwise.
+    act_range: str | None = None
     equalize_iters: int = 20
     gptq: bool | None = None  # None: on when w_bits < 8
     gpfq: bool = False
@@ -58,12 +60,16 @@ class BrevitasConfig:
             raise BzqError("graph must be 'auto', 'fx' or 'layerwise'.")
         if self.gptq and self.gpfq:
             raise BzqError("choose GPTQ or GPFQ, not both.")
-        if self.act_range not in ("percentile", "mse"):
+        if self.act_range not in (None, "percentile", "mse"):
             raise BzqError(f"act_range must be 'percentile' or 'mse', not {self.act_range!r}.")
         if not 0 < self.act_percentile <= 100:
             raise BzqError("act_percentile must be in (0, 100].")
         if self.reconstruct_iters < 1:
             raise BzqError("reconstruct_iters must be at least 1.")
+
+    @property
+    def activation_range(self) -> str:
+        return self.act_range or ("mse" if self.a_bits < 8 else "percentile")
 
     @property
     def use_gptq(self) -> bool:
@@ -136,7 +142,9 @@ def _quantizers(config: BrevitasConfig):
     base = Int8WeightPerChannelFloat if config.weight_granularity == "per_channel" else Int8WeightPerTensorFloat
     # Parameter-from-stats scaling: with the default runtime-stats scale GPTQ silently changes nothing.
     weight = base.let(scaling_impl=ParameterFromStatsFromParameterScaling)
-    if config.act_range == "mse":  # the clipping range that minimises the quantization error on the calibration set
+    if (
+        config.activation_range == "mse"
+    ):  # the clipping range that minimises the quantization error on the calibration set
         from brevitas.quant import Int8ActPerTensorFloatMSE, Uint8ActPerTensorFloatMSE
 
         return weight, Int8ActPerTensorFloatMSE, Uint8ActPerTensorFloatMSE, Int32Bias
@@ -380,6 +388,7 @@ def quantize_brevitas(
     qmodel, report = build_quant_model(float_model, config, batches.input_size)
     qmodel.to(next(float_model.parameters()).device)
     calibrate(qmodel, batches)
+    report["act_range"] = config.activation_range
     report["weights_changed_by_gptq"] = 0.0
     if config.use_gptq or config.gpfq:
         report["weights_changed_by_gptq"] = optimise_weights(qmodel, batches, "gpfq" if config.gpfq else "gptq")
