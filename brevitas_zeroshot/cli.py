@@ -322,7 +322,7 @@ def quantize(
     act_range: Annotated[
         str | None,
         typer.Option(
-            "--act-range", help="brevitas: activation ranges by percentile or mse (default: mse below 8 bits)."
+            "--act-range", help="brevitas: activation ranges by percentile or mse (default: mse with reconstruction)."
         ),
     ] = None,
     target: Annotated[str, typer.Option("--target", help="pt2e: x86 (Inductor) or xnnpack (ExecuTorch).")] = "x86",

@@ -35,7 +35,8 @@ class BrevitasConfig:
     weight_granularity: str = "per_channel"  # or "per_tensor"
     act_percentile: float = 99.999
     # How calibration sets activation ranges: "percentile" (act_percentile) or "mse" (Brevitas's error search);
-    # None: mse below 8-bit activations (measured better at W4A4, docs/method.md), percentile otherwise.
+    # None: mse with reconstruction, which learns the steps from there (better at W4A4; without it mse was worse,
+    # docs/method.md), percentile otherwise.
     act_range: str | None = None
     equalize_iters: int = 20
     gptq: bool | None = None  # None: on when w_bits < 8
@@ -69,7 +70,7 @@ class BrevitasConfig:
 
     @property
     def activation_range(self) -> str:
-        return self.act_range or ("mse" if self.a_bits < 8 else "percentile")
+        return self.act_range or ("mse" if self.use_reconstruction else "percentile")
 
     @property
     def use_gptq(self) -> bool:
