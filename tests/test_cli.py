@@ -138,6 +138,8 @@ def test_quantize_writes_results_and_eval_reads_the_folder(resnet20_weights, cif
         (("--backend", "brevitas", "--a-bits", "1"), "a_bits=1"),
         (("--backend", "pt2e", "--w-bits", "4"), "8-bit only"),
         (("--backend", "onnx"), "unknown backend"),
+        (("--act-range", "max"), "act_range must be"),
+        (("--low-res", "0.5", "--micro-batch", "-1"), "--micro-batch"),
     ],
 )
 def test_impossible_quantize_options_fail_before_synthesis(tmp_path, args, message):
