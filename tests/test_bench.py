@@ -161,7 +161,7 @@ def test_synthesis_benchmark_times_the_half_and_full_size_steps_of_the_schedule(
     cfg = {"input_size": (3, 128, 128), "mean": (0.5,) * 3, "std": (0.5,) * 3, "num_classes": 10}
     r = benchmark_synthesis(net, cfg, batch_size=8, steps=3, repeats=3, device="cpu")
     assert r["low_res"] == 0.8 and r["precision"] in ("fp32", "bf16")
-    assert 0 < r["low_res_step_s"] and 0 < r["synthesis_step_s"]  # how much cheaper depends on the model: results.md
+    assert r["low_res_step_s"] > 0 and r["synthesis_step_s"] > 0  # how much cheaper depends on the model: results.md
     mixed = 0.8 * r["low_res_step_s"] + 0.2 * r["synthesis_step_s"]
     assert r["set_cost_vs_fwd_bwd"] == pytest.approx(mixed / r["forward_backward_s"])
     assert r["images_per_s"] == pytest.approx(8 / (mixed * r["iterations"]))
