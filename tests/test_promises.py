@@ -335,11 +335,12 @@ def test_a_saved_set_reports_its_own_size_and_seed(ckpt, tmp_path):
 def test_ctrl_c_in_quantize_says_what_it_kept(ckpt, tmp_path):
     out = tmp_path / "q"
     args = ["quantize", "cifar_resnet20", "--checkpoint", ckpt, "--out", out, "--images", "16", "--batch-size", "8"]
-    # long enough batches that the signal lands in the synthesis even when the machine is busy
-    proc = subprocess.Popen([*BZQ, *map(str, args), "--iterations", "3000"], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
+    # Batches long enough that the signal lands in the second one's synthesis (1500 steps: >= 15 s on an idle
+    # machine, against a 0.2 s poll), with a generous wait for the first on a busy one.
+    proc = subprocess.Popen([*BZQ, *map(str, args), "--iterations", "1500"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
     while not list((out / ".bzq-partial").rglob("shard-00000.safetensors")) and time.time() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
