@@ -319,6 +319,12 @@ def quantize(
     reconstruct_iters: Annotated[
         int, typer.Option("--reconstruct-iters", min=1, help="brevitas: reconstruction steps per block.")
     ] = 300,
+    reconstruct_drop: Annotated[
+        float,
+        typer.Option(
+            "--reconstruct-drop", help="brevitas: QDrop, the chance an activation skips quantization while learning."
+        ),
+    ] = 0.0,
     act_range: Annotated[
         str | None,
         typer.Option(

@@ -321,6 +321,31 @@ def test_reconstruction_lowers_block_errors_reloads_and_exports(resnet20, graph,
     assert (onnx.argmax(1) == got[:8].argmax(1)).float().mean() >= 0.75
 
 
+def test_qdrop_keeps_float_activations_at_its_rate_only_while_learning():
+    import brevitas.nn as qnn
+    from brevitas.quant import Uint8ActPerTensorFloat
+
+    from brevitas_zeroshot.quant._reconstruct import _dropping
+
+    act = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True)
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 2
+    act.train()
+    for _ in range(40):  # past the statistics collection that sets the step size (as calibration does)
+        act(x)
+    quantized = _value(act(x)).detach()
+    off_grid = quantized != x.relu()  # where quantization changes the value
+    with _dropping(act, 0.5):
+        dropped = _value(act(x)).detach()
+        kept_float = (dropped == x.relu())[off_grid].float().mean().item()
+        assert 0.45 < kept_float < 0.55  # each element skips quantization with probability 0.5
+        assert torch.equal(dropped[~(dropped == x.relu())], quantized[~(dropped == x.relu())])
+        act.eval()
+        assert torch.equal(_value(act(x)), quantized)  # only while learning
+        act.train()
+    assert torch.equal(_value(act(x)).detach(), quantized)  # the quantizer is restored
+    assert not any(type(m).__name__ == "_Drop" for m in act.modules())
+
+
 def test_pt2e_compiled_program_agrees_with_eager_on_this_cpu(resnet20):
     from brevitas_zeroshot._utils import has_int8_dot_product
     from brevitas_zeroshot.quant import lower_quantized

@@ -47,6 +47,7 @@ class BrevitasConfig:
     reconstruct: bool | None = None  # block reconstruction after GPTQ (None: on below 8-bit activations)
     reconstruct_iters: int = 300  # optimisation steps per block
     learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
+    reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -67,6 +68,8 @@ class BrevitasConfig:
             raise BzqError("act_percentile must be in (0, 100].")
         if self.reconstruct_iters < 1:
             raise BzqError("reconstruct_iters must be at least 1.")
+        if not 0 <= self.reconstruct_drop < 1:
+            raise BzqError("reconstruct_drop must be in [0, 1).")
 
     @property
     def activation_range(self) -> str:
@@ -395,7 +398,9 @@ def quantize_brevitas(
         report["weights_changed_by_gptq"] = optimise_weights(qmodel, batches, "gpfq" if config.gpfq else "gptq")
     if config.use_reconstruction:
         start = time.perf_counter()
-        settings = ReconstructionConfig(iterations=config.reconstruct_iters, learn_scales=config.learn_act_scales)
+        settings = ReconstructionConfig(
+            iterations=config.reconstruct_iters, learn_scales=config.learn_act_scales, drop=config.reconstruct_drop
+        )
         report["reconstruction"] = reconstruct(qmodel, batches, settings)
         report["reconstruction"]["seconds"] = round(time.perf_counter() - start, 2)
     if config.bias_correction:

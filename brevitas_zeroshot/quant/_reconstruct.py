@@ -37,6 +37,7 @@ class ReconstructionConfig:
     scale_lr: float = 4e-5  # LSQ step sizes (QDrop's setting)
     round_weight: float = 0.01  # AdaRound's regulariser weight
     learn_scales: bool = True
+    drop: float = 0.0  # QDrop: while learning, each activation keeps its float value with this probability
     seed: int = 0
 
 
@@ -220,6 +221,35 @@ def _scale_parameters(unit: nn.Module) -> list[nn.Parameter]:
     ]
 
 
+class _Drop(nn.Module):
+    """QDrop around an activation quantizer: in training, each element keeps its float value with probability p."""
+
+    def __init__(self, quant: nn.Module, p: float):
+        super().__init__()
+        self.quant, self.p = quant, p
+
+    def forward(self, x):
+        out = self.quant(x)
+        if not self.training:
+            return out
+        return (torch.where(torch.rand_like(x) < self.p, x, out[0]), *out[1:])
+
+
+@contextlib.contextmanager
+def _dropping(unit: nn.Module, p: float):
+    """Wrap the activation quantizers run inside ``unit`` in :class:`_Drop` for the duration."""
+    from brevitas.proxy.runtime_quant import FusedActivationQuantProxy
+
+    fused = [m for m in unit.modules() if isinstance(m, FusedActivationQuantProxy)] if p > 0 else []
+    for m in fused:
+        m.tensor_quant = _Drop(m.tensor_quant, p)
+    try:
+        yield
+    finally:
+        for m in fused:
+            m.tensor_quant = m.tensor_quant.quant
+
+
 # -- the loop -------------------------------------------------------------------------------------------------------
 
 
@@ -245,18 +275,18 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
     unit.q.train()
     for m in rounding:
         m.train()
-    for step in range(iters):
-        i = rng.randrange(len(inputs_q))
-        rec = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2).flatten(1).sum(1).mean()
-        loss = rec
-        if step >= warmup and rounding:
-            beta = 20 - (20 - 2) * (step - warmup) / max(iters - warmup, 1)
-            h = torch.cat([m.learned_round_impl(m.value).flatten() for m in rounding])
-            loss = loss + config.round_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(1)
+    with _dropping(unit.q, config.drop):
+        for step in range(iters):
+            i = rng.randrange(len(inputs_q))
+            loss = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2).flatten(1).sum(1).mean()
+            if step >= warmup and rounding:
+                beta = 20 - (20 - 2) * (step - warmup) / max(iters - warmup, 1)
+                h = torch.cat([m.learned_round_impl(m.value).flatten() for m in rounding])
+                loss = loss + config.round_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
     unit.q.eval()
     _bake(saved)
     for p, g in zip(frozen, grads, strict=True):
