@@ -204,7 +204,10 @@ def test_mse_activation_ranges_clip_tighter_and_err_less_than_percentiles_at_4_b
         BrevitasConfig(act_range="max")
 
 
-@pytest.mark.parametrize("kwargs", [dict(a_bits=1), dict(w_bits=32), dict(graph="onnx"), dict(gptq=True, gpfq=True)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(a_bits=1), dict(w_bits=32), dict(graph="onnx"), dict(gptq=True, gpfq=True), dict(reconstruct_drop=1.0)],
+)
 def test_impossible_brevitas_configs_are_refused(kwargs):
     with pytest.raises(BzqError):
         BrevitasConfig(**kwargs)
