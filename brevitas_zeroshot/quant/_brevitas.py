@@ -6,6 +6,7 @@ Talks to Brevitas's core API (``brevitas.graph``), not to the example scripts sh
 import contextlib
 import copy
 import logging
+import operator
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ class BrevitasConfig:
     reconstruct_iters: int = 300  # optimisation steps per block
     learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
+    # Quantize the inputs of a residual add whose sum is requantized before any layer (ResNets: add -> ReLU).
+    # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
+    quantize_residual_adds: bool = True
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -222,6 +226,8 @@ def build_quant_model(
             graph = None
     if graph is not None:
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
+        if not config.quantize_residual_adds:
+            _unquantize_residual_adds(qmodel, report)
         try:
             with torch.no_grad():
                 qmodel.eval()(torch.zeros(2, *input_size, device=next(qmodel.parameters()).device))
@@ -306,6 +312,40 @@ def _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report) -> 
             act = signed if old.act_quant.is_signed else unsigned
             qmodel.add_submodule(node.target, qnn.QuantIdentity(act_quant=act, bit_width=hb, return_quant_tensor=True))
     qmodel.recompile()
+
+
+def _unquantize_residual_adds(qmodel, report) -> None:
+    """Remove the quantizers that only feed residual adds whose sums are requantized before any layer; the layers
+    feeding them return float (their accumulator, dequantized)."""
+    import brevitas.nn as qnn
+
+    graph, modules = qmodel.graph, dict(qmodel.named_modules())
+    adds = (operator.add, operator.iadd, torch.add)
+
+    def is_act(node) -> bool:
+        return node.op == "call_module" and isinstance(modules.get(node.target), (qnn.QuantReLU, qnn.QuantIdentity))
+
+    calls: dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), qnn.QuantIdentity):
+            calls.setdefault(node.target, []).append(node)
+    removed = 0
+    for nodes in calls.values():  # a shared quantizer goes only if every call of it feeds such an add
+        users = [u for n in nodes for u in n.users]
+        if not users or not all(u.op == "call_function" and u.target in adds and all(map(is_act, u.users))
+                                for u in users):  # fmt: skip
+            continue
+        for node in nodes:
+            src = node.args[0]
+            if src.op == "call_module" and hasattr(modules.get(src.target), "return_quant_tensor"):
+                modules[src.target].return_quant_tensor = False
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+        removed += 1
+    graph.lint()
+    qmodel.recompile()
+    qmodel.delete_all_unused_submodules()
+    report["residual_adds_in_float"] = removed
 
 
 def _float_layers(qmodel: nn.Module) -> list[str]:
