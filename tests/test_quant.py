@@ -349,6 +349,40 @@ def test_qdrop_keeps_float_activations_at_its_rate_only_while_learning():
     assert not any(type(m).__name__ == "_Drop" for m in act.modules())
 
 
+def test_residual_adds_in_float_keep_every_layer_input_quantized_reload_and_export(tmp_path):
+    import onnxruntime as ort
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+    from brevitas.quant_tensor import QuantTensor
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=32)
+    config = BrevitasConfig(w_bits=4, a_bits=4, quantize_residual_adds=False, reconstruct_iters=5)
+    qmodel, report = quantize(model, calib, config)
+    assert report["graph"] == "fx" and report["residual_adds_in_float"] == 9  # every residual block of ResNet-20
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
+        for name, m in qmodel.named_modules()
+        if isinstance(m, QuantWeightBiasInputOutputLayer)
+    ]
+    x = calib.images[:8]
+    with torch.no_grad():
+        got = _value(qmodel(x))
+    for h in hooks:
+        h.remove()
+    bits = {name: float(t.bit_width) for name, t in seen.items() if isinstance(t, QuantTensor)}
+    assert len(seen) == len(bits) == 20, seen.keys()  # every layer still takes quantized input...
+    assert bits.pop("conv1") == bits.pop("linear") == 8 and set(bits.values()) == {4.0}  # ...at a_bits
+    save_quantized(qmodel, tmp_path, model_name="cifar_resnet20", config=config, data_config=cfg, calib=calib,
+                   report=report)  # fmt: skip
+    again, _ = load_quantized(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(_value(again(x)), got)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    onnx = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})[0])
+    assert torch.allclose(onnx, got[:1], atol=0.2 * got.abs().max().item()), (onnx, got[:1])
+
+
 def test_pt2e_compiled_program_agrees_with_eager_on_this_cpu(resnet20):
     from brevitas_zeroshot._utils import has_int8_dot_product
     from brevitas_zeroshot.quant import lower_quantized
