@@ -48,6 +48,7 @@ class PipelineConfig:
     reconstruct: bool | None = None  # brevitas: block reconstruction; None: on below 8-bit activations
     reconstruct_iters: int = 300
     reconstruct_drop: float = 0.0  # brevitas: QDrop probability while reconstructing
+    quantize_residual_adds: bool | None = None  # brevitas; None: not below 8-bit activations
     act_range: str | None = None  # brevitas: "percentile" or "mse"; None: the backend's default
     target: str = "x86"  # pt2e
     onnx: bool = True  # brevitas: ONNX QCDQ export

@@ -325,6 +325,13 @@ def quantize(
             "--reconstruct-drop", help="brevitas: QDrop, the chance an activation skips quantization while learning."
         ),
     ] = 0.0,
+    quantize_residual_adds: Annotated[
+        bool | None,
+        typer.Option(
+            "--quantize-residual-adds/--float-residual-adds",
+            help="brevitas: quantize the inputs of residual adds whose sums are requantized (default: at 8 bits only).",
+        ),
+    ] = None,
     act_range: Annotated[
         str | None,
         typer.Option(

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import timm
@@ -381,6 +382,22 @@ def test_residual_adds_in_float_keep_every_layer_input_quantized_reload_and_expo
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
     onnx = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})[0])
     assert torch.allclose(onnx, got[:1], atol=0.2 * got.abs().max().item()), (onnx, got[:1])
+
+
+def test_a_model_saved_before_residual_adds_were_configurable_reloads(tmp_path):
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    config = BrevitasConfig(w_bits=4, a_bits=4, quantize_residual_adds=True, reconstruct=False, gptq=False)
+    qmodel, report = quantize(model, calib, config)
+    save_quantized(qmodel, tmp_path, model_name="cifar_resnet20", config=config, data_config=cfg, calib=calib,
+                   report=report)  # fmt: skip
+    record = json.loads((tmp_path / "quant_config.json").read_text())
+    del record["quantization"]["quantize_residual_adds"]  # as written by the previous version
+    (tmp_path / "quant_config.json").write_text(json.dumps(record))
+    again, _ = load_quantized(tmp_path)
+    x = calib.images[:4]
+    with torch.no_grad():
+        assert torch.equal(_value(again(x)), _value(qmodel(x)))
 
 
 def test_pt2e_compiled_program_agrees_with_eager_on_this_cpu(resnet20):

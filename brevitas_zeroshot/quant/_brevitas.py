@@ -51,7 +51,8 @@ class BrevitasConfig:
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
     # Quantize the inputs of a residual add whose sum is requantized before any layer (ResNets: add -> ReLU).
     # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
-    quantize_residual_adds: bool = True
+    # None: False below 8-bit activations (+3.7 pt at W4A4 on the tuning split, docs/method.md), True otherwise.
+    quantize_residual_adds: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -78,6 +79,10 @@ class BrevitasConfig:
     @property
     def activation_range(self) -> str:
         return self.act_range or ("mse" if self.use_reconstruction else "percentile")
+
+    @property
+    def residual_adds_quantized(self) -> bool:
+        return self.a_bits >= 8 if self.quantize_residual_adds is None else self.quantize_residual_adds
 
     @property
     def use_gptq(self) -> bool:
@@ -226,7 +231,7 @@ def build_quant_model(
             graph = None
     if graph is not None:
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
-        if not config.quantize_residual_adds:
+        if not config.residual_adds_quantized:
             _unquantize_residual_adds(qmodel, report)
         try:
             with torch.no_grad():
@@ -497,7 +502,8 @@ def _load(folder: Path, meta: dict) -> nn.Module:
     from ..models import load_model
     from ._api import config_from_dict
 
-    config = config_from_dict(BrevitasConfig, meta["quantization"])
+    # A model saved before quantize_residual_adds existed has its residual adds quantized.
+    config = config_from_dict(BrevitasConfig, {"quantize_residual_adds": True, **meta["quantization"]})
     float_model, _ = load_model(meta["model"], pretrained=False)
     model, _ = build_quant_model(float_model, config, tuple(meta["data_config"]["input_size"]))
     with load_quant_model_mode(model):
