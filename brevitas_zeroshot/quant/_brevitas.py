@@ -39,6 +39,7 @@ class BrevitasConfig:
     # None: mse with reconstruction, which learns the steps from there (better at W4A4; without it mse was worse,
     # docs/method.md), percentile otherwise.
     act_range: str | None = None
+    weight_range: str = "max"  # weight steps from the largest magnitude, or "mse" (Brevitas's error search)
     equalize_iters: int = 20
     gptq: bool | None = None  # None: on when w_bits < 8
     gpfq: bool = False
@@ -69,6 +70,8 @@ class BrevitasConfig:
             raise BzqError("choose GPTQ or GPFQ, not both.")
         if self.act_range not in (None, "percentile", "mse"):
             raise BzqError(f"act_range must be 'percentile' or 'mse', not {self.act_range!r}.")
+        if self.weight_range not in ("max", "mse"):
+            raise BzqError(f"weight_range must be 'max' or 'mse', not {self.weight_range!r}.")
         if not 0 < self.act_percentile <= 100:
             raise BzqError("act_percentile must be in (0, 100].")
         if self.reconstruct_iters < 1:
@@ -153,6 +156,10 @@ def _quantizers(config: BrevitasConfig):
     )
 
     base = Int8WeightPerChannelFloat if config.weight_granularity == "per_channel" else Int8WeightPerTensorFloat
+    if config.weight_range == "mse":  # the step that minimises each weight tensor's (or channel's) rounding error
+        from brevitas.quant import Int8WeightPerChannelFloatMSE, Int8WeightPerTensorFloatMSE
+
+        base = Int8WeightPerChannelFloatMSE if base is Int8WeightPerChannelFloat else Int8WeightPerTensorFloatMSE
     # Parameter-from-stats scaling: with the default runtime-stats scale GPTQ silently changes nothing.
     weight = base.let(scaling_impl=ParameterFromStatsFromParameterScaling)
     if (
