@@ -205,6 +205,22 @@ def test_mse_activation_ranges_clip_tighter_and_err_less_than_percentiles_at_4_b
         BrevitasConfig(act_range="max")
 
 
+def test_mse_weight_steps_round_every_layer_with_less_error_than_max_steps():
+    model, cfg = random_r20()
+    errors = {}
+    for weight_range in ("max", "mse"):
+        qmodel, _ = build_quant_model(model, BrevitasConfig(w_bits=4, weight_range=weight_range), (3, 32, 32))
+        errors[weight_range] = {
+            name: (m.weight - m.quant_weight().value).pow(2).mean().item()
+            for name, m in qmodel.named_modules()
+            if hasattr(m, "quant_weight") and m.weight_quant.is_quant_enabled
+        }
+    assert errors["mse"].keys() == errors["max"].keys() and len(errors["mse"]) == 20
+    assert all(errors["mse"][n] <= errors["max"][n] for n in errors["mse"]), errors
+    with pytest.raises(BzqError, match="weight_range"):
+        BrevitasConfig(weight_range="percentile")
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(a_bits=1), dict(w_bits=32), dict(graph="onnx"), dict(gptq=True, gpfq=True), dict(reconstruct_drop=1.0)],
