@@ -104,7 +104,9 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         f"{q['backend']}, weights {q['w_bits']}-bit, activations {q['a_bits']}-bit"
         + (f", first/last layer {first_last}-bit" if q["backend"] == "brevitas" and first_last else "")
         + (", GPTQ" if q.get("gptq") or (q.get("gptq") is None and q.get("w_bits", 8) < 8) else "")
+        + (", block reconstruction" if "reconstruction" in meta.get("report", {}) else "")
         + (", bias correction" if q.get("bias_correction") else "")
+        + (", residual adds not quantized" if meta.get("report", {}).get("residual_adds_in_float") else "")
     )
     if base:
         origin = f"[{base}](https://huggingface.co/{base})"
