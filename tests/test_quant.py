@@ -345,7 +345,7 @@ def test_qdrop_keeps_float_activations_at_its_rate_only_while_learning():
     import brevitas.nn as qnn
     from brevitas.quant import Uint8ActPerTensorFloat
 
-    from brevitas_zeroshot.quant._reconstruct import _dropping
+    from brevitas_zeroshot.quant._reconstruct import _learning
 
     act = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True)
     x = torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 2
@@ -354,7 +354,7 @@ def test_qdrop_keeps_float_activations_at_its_rate_only_while_learning():
         act(x)
     quantized = _value(act(x)).detach()
     off_grid = quantized != x.relu()  # where quantization changes the value
-    with _dropping(act, 0.5):
+    with _learning(act, 0.5):
         dropped = _value(act(x)).detach()
         kept_float = (dropped == x.relu())[off_grid].float().mean().item()
         assert 0.45 < kept_float < 0.55  # each element skips quantization with probability 0.5
@@ -364,6 +364,40 @@ def test_qdrop_keeps_float_activations_at_its_rate_only_while_learning():
         act.train()
     assert torch.equal(_value(act(x)).detach(), quantized)  # the quantizer is restored
     assert not any(type(m).__name__ == "_Drop" for m in act.modules())
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_fused_learning_quantizer_gives_brevitas_values_and_gradients(signed):
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+
+    from brevitas_zeroshot.quant._reconstruct import _learning
+
+    cls, quant = (qnn.QuantIdentity, Int8ActPerTensorFloat) if signed else (qnn.QuantReLU, Uint8ActPerTensorFloat)
+    act = cls(act_quant=quant, bit_width=4, return_quant_tensor=True)
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 2
+    act.train()
+    for _ in range(40):  # past the statistics collection that sets the step size (as calibration does)
+        act(x)
+    (step,) = [p for name, p in act.named_parameters() if name.endswith("value")]
+    weights = torch.linspace(-1, 1, x.numel()).view_as(x)
+
+    def run():
+        inp = x.clone().requires_grad_(True)
+        step.grad = None
+        out = _value(act(inp))
+        (out * weights).sum().backward()
+        return out.detach(), inp.grad, step.grad.clone()
+
+    reference = run()
+    with _learning(act):
+        assert type(act.act_quant.fused_activation_quant_proxy.tensor_quant).__name__ == "_Fused"
+        fused = run()
+    assert torch.equal(fused[0], reference[0])  # the same quantized values (ties aside, none here)
+    torch.testing.assert_close(fused[1], reference[1])  # straight-through input gradient, 0 where clamped
+    torch.testing.assert_close(fused[2], reference[2], rtol=1e-4, atol=1e-5)  # LSQ step-size gradient
+    assert fused[1].eq(0).any() and fused[1].ne(0).any()
+    assert type(act.act_quant.fused_activation_quant_proxy.tensor_quant).__name__ == "RescalingIntQuant"
 
 
 def test_residual_adds_in_float_keep_every_layer_input_quantized_reload_and_export(tmp_path):

@@ -38,6 +38,7 @@ class ReconstructionConfig:
     round_weight: float = 0.01  # AdaRound's regulariser weight
     learn_scales: bool = True
     drop: float = 0.0  # QDrop: while learning, each activation keeps its float value with this probability
+    fused: bool = True  # learn through torch's fused fake-quant kernel (same gradients, fewer passes)
     seed: int = 0
 
 
@@ -221,6 +222,44 @@ def _scale_parameters(unit: nn.Module) -> list[nn.Parameter]:
     ]
 
 
+class _Fused(nn.Module):
+    """Brevitas's per-tensor integer activation quantizer through torch's fused LSQ kernel, for learning.
+
+    The step size, zero point and bit width come from the wrapped quantizer's own modules (so its parameters are
+    the ones learned); quantize-clamp-dequantize and the gradients of input and step size are one kernel instead of
+    Brevitas's chain of elementwise passes. The gradients are the ones autograd takes through Brevitas's straight-
+    through rounding and clamp; values can differ from Brevitas's where x / step lands within a rounding error of
+    .5, since the kernel multiplies by the inverse step.
+    """
+
+    def __init__(self, quant: nn.Module):
+        super().__init__()
+        self.quant = quant
+
+    def forward(self, x):
+        q = self.quant
+        bit_width = q.msb_clamp_bit_width_impl()
+        scale = q.scaling_impl(x, q.int_scaling_impl(bit_width))
+        zero_point = q.zero_point_impl(x, scale, bit_width)
+        if scale.numel() != 1 or zero_point.numel() != 1:
+            return q(x)  # per-channel steps: Brevitas's own path
+        lo, hi = int(q.int_quant.min_int(bit_width)), int(q.int_quant.max_int(bit_width))
+        y = torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1), lo, hi, 1.0)
+        return y, scale, zero_point, bit_width
+
+    @staticmethod
+    def fits(quant: nn.Module) -> bool:
+        """Whether ``quant`` is a plain integer quantizer (others keep Brevitas's own path)."""
+        from brevitas.core.function_wrapper import Identity, RoundSte, TensorClamp
+        from brevitas.core.quant import IntQuant, RescalingIntQuant
+
+        if type(quant) is not RescalingIntQuant or type(quant.int_quant) is not IntQuant or quant.observer_only:
+            return False
+        inner = quant.int_quant
+        plain = (RoundSte, TensorClamp, Identity)
+        return tuple(map(type, (inner.float_to_int_impl, inner.tensor_clamp_impl, inner.input_view_impl))) == plain
+
+
 class _Drop(nn.Module):
     """QDrop around an activation quantizer: in training, each element keeps its float value with probability p."""
 
@@ -236,18 +275,23 @@ class _Drop(nn.Module):
 
 
 @contextlib.contextmanager
-def _dropping(unit: nn.Module, p: float):
-    """Wrap the activation quantizers run inside ``unit`` in :class:`_Drop` for the duration."""
+def _learning(unit: nn.Module, drop: float = 0.0, fused: bool = True):
+    """For the duration, run the activation quantizers inside ``unit`` through :class:`_Fused` (where they fit)
+    and :class:`_Drop` (when ``drop`` > 0); Brevitas's quantizers are put back after."""
     from brevitas.proxy.runtime_quant import FusedActivationQuantProxy
 
-    fused = [m for m in unit.modules() if isinstance(m, FusedActivationQuantProxy)] if p > 0 else []
-    for m in fused:
-        m.tensor_quant = _Drop(m.tensor_quant, p)
+    proxies = [m for m in unit.modules() if isinstance(m, FusedActivationQuantProxy)]
+    saved = [m.tensor_quant for m in proxies]
+    for m in proxies:
+        if fused and _Fused.fits(m.tensor_quant):
+            m.tensor_quant = _Fused(m.tensor_quant)
+        if drop > 0:
+            m.tensor_quant = _Drop(m.tensor_quant, drop)
     try:
         yield
     finally:
-        for m in fused:
-            m.tensor_quant = m.tensor_quant.quant
+        for m, quant in zip(proxies, saved, strict=True):
+            m.tensor_quant = quant
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
@@ -275,7 +319,7 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
     unit.q.train()
     for m in rounding:
         m.train()
-    with _dropping(unit.q, config.drop):
+    with _learning(unit.q, config.drop, config.fused):
         for step in range(iters):
             i = rng.randrange(len(inputs_q))
             loss = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2).flatten(1).sum(1).mean()
@@ -315,6 +359,7 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
 
     config = config or ReconstructionConfig()
     device = next(qmodel.parameters()).device
+    qmodel.to(memory_format=torch.channels_last)  # faster convolutions (as in synthesis); undone at the end
     fmodel = copy.deepcopy(qmodel).eval()
     float_mode = quantization_status_manager(fmodel, disable_act_quant=True, disable_weight_quant=True,
                                              disable_bias_quant=True, is_training=False)  # fmt: skip
@@ -323,7 +368,7 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
         units = _fx_units(qmodel, fmodel) if hasattr(qmodel, "graph") else None
         chained = units is not None  # graph units form a chain: each one's output is the next one's input
         units = units or _layer_units(qmodel, fmodel)
-        images = [x.to(device) for x in _rebatch(batches, config.batch_size)]
+        images = [x.to(device, memory_format=torch.channels_last) for x in _rebatch(batches, config.batch_size)]
         xq, xf = images, images
         rng = random.Random(config.seed)
         report = {"mode": "blocks" if chained else "layers", "units": []}
@@ -341,6 +386,7 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
         bar.close()
     finally:
         float_mode.__exit__(None, None, None)
+        qmodel.to(memory_format=torch.contiguous_format)
     qmodel.eval()
     return report
 
