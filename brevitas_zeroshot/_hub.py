@@ -103,6 +103,7 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
     scheme = (
         f"{q['backend']}, weights {q['w_bits']}-bit, activations {q['a_bits']}-bit"
         + (f", first/last layer {first_last}-bit" if q["backend"] == "brevitas" and first_last else "")
+        + (", asymmetric weights (zero points)" if q.get("weight_symmetric") is False else "")
         + (", GPTQ" if q.get("gptq") or (q.get("gptq") is None and q.get("w_bits", 8) < 8) else "")
         + (", block reconstruction" if "reconstruction" in meta.get("report", {}) else "")
         + (", bias correction" if q.get("bias_correction") else "")

@@ -221,6 +221,36 @@ def test_mse_weight_steps_round_every_layer_with_less_error_than_max_steps():
         BrevitasConfig(weight_range="percentile")
 
 
+def test_asymmetric_weights_use_every_level_reload_and_export(tmp_path):
+    import onnxruntime as ort
+
+    model, cfg = random_r20()
+    errors, levels = {}, {}
+    for symmetric in (True, False):
+        qmodel, _ = build_quant_model(model, BrevitasConfig(w_bits=2, weight_symmetric=symmetric), (3, 32, 32))
+        edge = ("conv1", "linear")
+        layers = {n: m for n, m in qmodel.named_modules() if hasattr(m, "quant_weight") and n not in edge}
+        errors[symmetric] = {n: (m.weight - m.quant_weight().value).pow(2).mean().item() for n, m in layers.items()}
+        levels[symmetric] = {len(m.quant_weight().int()[c].unique()) for m in layers.values() for c in range(4)}
+    assert levels[True] <= {1, 2, 3} and 4 in levels[False]  # 2 bits: narrow symmetric is ternary
+    assert all(errors[False][n] < errors[True][n] for n in errors[True]), errors
+
+    calib = create_calibration_set("gaussian", model, cfg, num_images=32)
+    config = BrevitasConfig(w_bits=2, a_bits=4, weight_symmetric=False, reconstruct_iters=5)
+    qmodel, report = quantize(model, calib, config)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = _value(qmodel(x))
+    save_quantized(qmodel, tmp_path, model_name="cifar_resnet20", config=config, data_config=cfg, calib=calib,
+                   report=report)  # fmt: skip
+    again, _ = load_quantized(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(_value(again(x)), got)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    onnx = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})[0])
+    assert torch.allclose(onnx, got[:1], atol=0.2 * got.abs().max().item()), (onnx, got[:1])
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(a_bits=1), dict(w_bits=32), dict(graph="onnx"), dict(gptq=True, gpfq=True), dict(reconstruct_drop=1.0)],

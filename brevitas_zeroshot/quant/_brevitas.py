@@ -40,6 +40,9 @@ class BrevitasConfig:
     # docs/method.md), percentile otherwise.
     act_range: str | None = None
     weight_range: str = "max"  # weight steps from the largest magnitude, or "mse" (Brevitas's error search)
+    # Symmetric weights (a zero at the grid's centre, narrow range: 3 levels at 2 bits) or asymmetric (a per-channel
+    # zero point, every level spans [min, max]).
+    weight_symmetric: bool = True
     equalize_iters: int = 20
     gptq: bool | None = None  # None: on when w_bits < 8
     gpfq: bool = False
@@ -152,14 +155,30 @@ def _quantizers(config: BrevitasConfig):
         Int8WeightPerChannelFloat,
         Int8WeightPerTensorFloat,
         Int32Bias,
+        ShiftedUint8WeightPerChannelFloat,
+        ShiftedUint8WeightPerTensorFloat,
         Uint8ActPerTensorFloat,
     )
 
-    base = Int8WeightPerChannelFloat if config.weight_granularity == "per_channel" else Int8WeightPerTensorFloat
-    if config.weight_range == "mse":  # the step that minimises each weight tensor's (or channel's) rounding error
-        from brevitas.quant import Int8WeightPerChannelFloatMSE, Int8WeightPerTensorFloatMSE
+    per_channel, mse = config.weight_granularity == "per_channel", config.weight_range == "mse"
+    if config.weight_symmetric:
+        base = Int8WeightPerChannelFloat if per_channel else Int8WeightPerTensorFloat
+    else:  # integer zero point; "mse" searches the range and the zero point
+        base = ShiftedUint8WeightPerChannelFloat if per_channel else ShiftedUint8WeightPerTensorFloat
+    if mse:  # the step that minimises each weight tensor's (or channel's) rounding error
+        from brevitas.quant import (
+            Int8WeightPerChannelFloatMSE,
+            Int8WeightPerTensorFloatMSE,
+            ShiftedUint8WeightPerChannelFloatMSE,
+            ShiftedUint8WeightPerTensorFloatMSE,
+        )
 
-        base = Int8WeightPerChannelFloatMSE if base is Int8WeightPerChannelFloat else Int8WeightPerTensorFloatMSE
+        base = {
+            Int8WeightPerChannelFloat: Int8WeightPerChannelFloatMSE,
+            Int8WeightPerTensorFloat: Int8WeightPerTensorFloatMSE,
+            ShiftedUint8WeightPerChannelFloat: ShiftedUint8WeightPerChannelFloatMSE,
+            ShiftedUint8WeightPerTensorFloat: ShiftedUint8WeightPerTensorFloatMSE,
+        }[base]
     # Parameter-from-stats scaling: with the default runtime-stats scale GPTQ silently changes nothing.
     weight = base.let(scaling_impl=ParameterFromStatsFromParameterScaling)
     if (
@@ -501,6 +520,10 @@ def _export_onnx(qmodel: nn.Module, example: torch.Tensor, path: Path, report: d
     return path.name
 
 
+# Fields added since models were first saved, with the value a model saved without them was built with.
+_ADDED = {"quantize_residual_adds": True, "weight_symmetric": True}
+
+
 def _load(folder: Path, meta: dict) -> nn.Module:
     """Rebuild the quantized model from the float architecture and the saved config, then load its state."""
     from brevitas.graph.calibrate import load_quant_model_mode
@@ -509,8 +532,7 @@ def _load(folder: Path, meta: dict) -> nn.Module:
     from ..models import load_model
     from ._api import config_from_dict
 
-    # A model saved before quantize_residual_adds existed has its residual adds quantized.
-    config = config_from_dict(BrevitasConfig, {"quantize_residual_adds": True, **meta["quantization"]})
+    config = config_from_dict(BrevitasConfig, {**_ADDED, **meta["quantization"]})
     float_model, _ = load_model(meta["model"], pretrained=False)
     model, _ = build_quant_model(float_model, config, tuple(meta["data_config"]["input_size"]))
     with load_quant_model_mode(model):
