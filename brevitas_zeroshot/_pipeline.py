@@ -27,7 +27,8 @@ _SYNTHESISED = ("gznq", "zeroq")  # sources that stream a resumable set into a f
 @dataclass
 class PipelineConfig:
     """Everything `bzq quantize` does, as one value; a recipe is a saved instance (flat YAML of these fields, with
-    ``synthesis`` settings as top-level keys named as in :class:`SynthesisConfig`)."""
+    the ``quant`` and ``synthesis`` settings as top-level keys named as in the backend's config and
+    :class:`SynthesisConfig`)."""
 
     model: str
     out: Path
@@ -40,37 +41,32 @@ class PipelineConfig:
     seed: int = 0
     eval_data: Path | None = None
     eval_limit: int | None = None
-    first_last_bits: int = 8  # brevitas; 0: as the rest
-    gptq: bool | None = None  # brevitas; None: on below 8 bits
-    gpfq: bool = False
-    bias_correction: bool = True
-    graph: str = "auto"
-    reconstruct: bool | None = None  # brevitas: block reconstruction; None: on below 8-bit activations
-    reconstruct_iters: int = 300
-    reconstruct_drop: float = 0.0  # brevitas: QDrop probability while reconstructing
-    quantize_residual_adds: bool | None = None  # brevitas; None: not below 8-bit activations
-    act_range: str | None = None  # brevitas: "percentile" or "mse"; None: the backend's default
-    target: str = "x86"  # pt2e
     onnx: bool = True  # brevitas: ONNX QCDQ export
     overwrite: bool = False
     device: str = "auto"
+    quant: dict = field(default_factory=dict)  # the backend's config fields (BrevitasConfig, PT2EConfig...)
     synthesis: dict = field(default_factory=dict)  # SynthesisConfig fields for gznq/zeroq (iterations, lr...)
 
     def __post_init__(self) -> None:
+        from .quant._registry import quant_keys
+
         self.out = Path(self.out)
-        unknown = set(self.synthesis) - SYNTHESIS_KEYS
-        if unknown:
-            raise BzqError(f"unknown synthesis setting(s): {', '.join(sorted(unknown))}.")
+        for what, given, known in (("synthesis", self.synthesis, SYNTHESIS_KEYS), ("quantization", self.quant,
+                                                                                  set(quant_keys()))):  # fmt: skip
+            unknown = set(given) - known
+            if unknown:
+                raise BzqError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}.")
         SynthesisConfig(**self.synthesis)  # impossible settings fail here, before any work
         self.quant_config()
 
     def quant_config(self):
-        """The backend's config (``BrevitasConfig``, ``PT2EConfig``...), from the fields that backend takes."""
+        """The backend's config (``BrevitasConfig``, ``PT2EConfig``...) from ``quant`` (the settings it takes)."""
         from .quant._registry import create_quant_config
 
-        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "backend"}
-        options["first_last_bits"] = self.first_last_bits or None
-        return create_quant_config(self.backend, strict=False, **options)
+        options = dict(self.quant)
+        if options.get("first_last_bits") == 0:  # the CLI's and recipes' spelling of "as the rest"
+            options["first_last_bits"] = None
+        return create_quant_config(self.backend, strict=False, w_bits=self.w_bits, a_bits=self.a_bits, **options)
 
 
 # Synthesis settings a pipeline (and a recipe) may set: every SynthesisConfig field but those the pipeline names.

@@ -57,12 +57,15 @@ def find_recipe(name: str | Path) -> Path:
 
 
 def _field_types() -> dict[str, tuple[type, bool]]:
-    """key -> (base type, None allowed) for every recipe key: PipelineConfig fields and synthesis settings."""
+    """key -> (base type, None allowed) for every recipe key: PipelineConfig fields, quantization and synthesis
+    settings."""
     from ._pipeline import SYNTHESIS_KEYS, PipelineConfig
+    from .quant._registry import quant_keys
     from .synth import SynthesisConfig
 
-    hints = {**typing.get_type_hints(SynthesisConfig), **typing.get_type_hints(PipelineConfig)}
-    keys = [f.name for f in dataclasses.fields(PipelineConfig) if f.name != "synthesis"] + sorted(SYNTHESIS_KEYS)
+    hints = {**typing.get_type_hints(SynthesisConfig), **quant_keys(), **typing.get_type_hints(PipelineConfig)}
+    own = [f.name for f in dataclasses.fields(PipelineConfig) if f.name not in ("quant", "synthesis")]
+    keys = own + sorted(quant_keys()) + sorted(SYNTHESIS_KEYS)
     types_ = {}
     for key in keys:
         hint = hints[key]
@@ -103,6 +106,7 @@ def _lines(text: str, path: Path) -> dict[str, int]:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple["PipelineConfig", dict]:  # noqa: F821
     """Read and validate a recipe, with ``key=value`` overrides: the PipelineConfig it is, and its information keys."""
     from ._pipeline import SYNTHESIS_KEYS, PipelineConfig
+    from .quant._registry import quant_keys
 
     path = Path(path)
     try:
@@ -141,11 +145,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple["PipelineC
     if "model" not in chosen:
         raise BzqError(f"{path}: the recipe names no 'model'.")
     synthesis = {k: chosen.pop(k) for k in list(chosen) if k in SYNTHESIS_KEYS}
+    quant = {k: chosen.pop(k) for k in list(chosen) if k in quant_keys()}
     chosen.setdefault("out", Path(path.stem))
     try:
-        return PipelineConfig(**chosen, synthesis=synthesis), info
+        return PipelineConfig(**chosen, quant=quant, synthesis=synthesis), info
     except BzqError as e:
-        keys = ("w_bits", "a_bits", "first_last_bits", "backend", "target", "graph", *synthesis)
+        keys = ("w_bits", "a_bits", "backend", *quant, *synthesis)
         key = next((k for k in keys if str(e).startswith(k) and k in wheres), None)
         key = key or next((k for k in keys if wheres.get(k, "").startswith("--set")), None)
         key = key or next((k for k in keys if k in wheres), None)

@@ -61,8 +61,15 @@ def test_bad_recipes_name_the_key_and_line(tmp_path, text, message):
 
 def test_overrides_are_typed_and_validated(tmp_path):
     path = _recipe(tmp_path, "model: cifar_resnet20\nbackend: brevitas\nw_bits: 4\na_bits: 4\n")
-    config, _ = load_recipe(path, ["images=16", "iterations=3", "eval-limit=10", "gptq=false"])
-    assert (config.images, config.synthesis["iterations"], config.eval_limit, config.gptq) == (16, 3, 10, False)
+    sets = ["images=16", "iterations=3", "eval-limit=10", "gptq=false", "weight_symmetric=false"]
+    config, _ = load_recipe(path, sets)
+    assert (config.images, config.synthesis["iterations"], config.eval_limit) == (16, 3, 10)
+    backend = config.quant_config()  # quantization settings are the backend config's fields, flag or not
+    assert (backend.w_bits, backend.gptq, backend.weight_symmetric) == (4, False, False)
+    with pytest.raises(BzqError, match="--set reconstruct_iters=many: 'reconstruct_iters' must be int"):
+        load_recipe(path, ["reconstruct_iters=many"])
+    with pytest.raises(BzqError, match="--set reconstruct_iters=0: reconstruct_iters must be at least 1"):
+        load_recipe(path, ["reconstruct_iters=0"])
     assert config.out == Path("r")  # default output folder: the recipe's name
     with pytest.raises(BzqError, match="--set a_bits=1"):
         load_recipe(path, ["a_bits=1"])

@@ -22,6 +22,7 @@ __all__ = [
     "backend_for",
     "backend_named",
     "create_quant_config",
+    "quant_keys",
     "register_backend",
 ]
 
@@ -81,6 +82,22 @@ def create_quant_config(backend: str, strict: bool = True, **options):
     if strict and unknown:
         raise BzqError(f"{cls.__name__} has no setting(s) {', '.join(sorted(unknown))}.")
     return cls(**{k: v for k, v in options.items() if k in names})
+
+
+def quant_keys() -> dict[str, object]:
+    """Every setting a registered backend's config takes from the CLI or a recipe (its scalar fields but the bit
+    widths), with its type hint; a name shared by two backends has one meaning."""
+    import typing
+    from dataclasses import fields
+
+    keys = {}
+    for backend in _BACKENDS.values():
+        hints = typing.get_type_hints(backend.config_type)
+        for f in fields(backend.config_type):
+            scalars = {a for a in typing.get_args(hints[f.name]) or (hints[f.name],) if a is not type(None)}
+            if f.name not in ("w_bits", "a_bits") and scalars <= {bool, int, float, str}:
+                keys[f.name] = hints[f.name]
+    return keys
 
 
 class CalibrationBatches:
