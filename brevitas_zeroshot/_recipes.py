@@ -15,7 +15,7 @@ import yaml
 
 from ._errors import BzqError
 
-__all__ = ["RECIPE_INFO_KEYS", "find_recipe", "list_recipes", "load_recipe", "recipe_dirs"]
+__all__ = ["RECIPE_INFO_KEYS", "find_recipe", "list_recipes", "load_recipe", "parse_quant_settings", "recipe_dirs"]
 
 # Keys that describe a recipe rather than configure the run.
 RECIPE_INFO_KEYS: dict[str, type] = {
@@ -86,6 +86,21 @@ def _check_type(key: str, value, base: type, nullable: bool, where: str):
     if base in (str, Path) and isinstance(value, str | int | float) and not isinstance(value, bool):
         return base(str(value))
     raise BzqError(f"{where}: '{key}' must be {base.__name__}{' or null' if nullable else ''}, not {value!r}.")
+
+
+def parse_quant_settings(items: list[str]) -> dict:
+    """``key=value`` settings of the backends' configs (`bzq quantize --set`), typed as in a recipe."""
+    from .quant._registry import quant_keys
+
+    options, settings = _field_types(), {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in quant_keys():
+            known = ", ".join(sorted(quant_keys()))
+            raise BzqError(f"--set '{item}': expected KEY=VALUE with a quantization setting ({known}).")
+        settings[key] = _check_type(key, yaml.safe_load(value), *options[key], f"--set {item}")
+    return settings
 
 
 def _lines(text: str, path: Path) -> dict[str, int]:

@@ -344,6 +344,12 @@ def quantize(
     target: Annotated[
         str, typer.Option("--target", help="pt2e: x86 (Inductor) or xnnpack (ExecuTorch).")
     ] = _PT2E.target,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Any setting of the backend's config, flag or not: --set weight_range=mse (repeatable)."
+        ),
+    ] = None,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export ONNX QCDQ (brevitas).")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a quantized model already in --out.")] = False,
     device: DeviceOpt = "auto",
@@ -354,12 +360,13 @@ def quantize(
     Everything is checked before any work; the new result replaces what is in --out only once it is complete.
     """
     from ._pipeline import PipelineConfig
+    from ._recipes import parse_quant_settings
     from .quant._registry import quant_keys
 
     o = dict(locals())
     config = PipelineConfig(
         **{k: v for k, v in o.items() if k in PipelineConfig.__dataclass_fields__},
-        quant={k: v for k, v in o.items() if k in quant_keys()},
+        quant={**{k: v for k, v in o.items() if k in quant_keys()}, **parse_quant_settings(settings or [])},
         synthesis=_synthesis(o),
     )
     _quantize(config, as_json, "bzq " + shlex.join(sys.argv[1:]))

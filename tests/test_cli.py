@@ -139,6 +139,9 @@ def test_quantize_writes_results_and_eval_reads_the_folder(resnet20_weights, cif
         (("--backend", "pt2e", "--w-bits", "4"), "8-bit only"),
         (("--backend", "onnx"), "unknown backend"),
         (("--act-range", "max"), "act_range must be"),
+        (("--set", "weight_range=huge"), "weight_range must be"),  # a setting without a flag reaches the config
+        (("--set", "colour=red"), "expected KEY=VALUE with a quantization setting"),
+        (("--set", "reconstruct_iters=many"), "'reconstruct_iters' must be int"),
         (("--low-res", "0.5", "--micro-batch", "-1"), "--micro-batch"),
     ],
 )
