@@ -52,6 +52,7 @@ class BrevitasConfig:
     reconstruct: bool | None = None  # block reconstruction after GPTQ (None: on below 8-bit activations)
     reconstruct_iters: int = 300  # optimisation steps per block
     learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
+    learn_weight_scales: bool = False  # reconstruction also learns the weights' per-channel steps (as Genie)
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
     # Quantize the inputs of a residual add whose sum is requantized before any layer (ResNets: add -> ReLU).
     # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
@@ -470,7 +471,10 @@ def quantize_brevitas(
     if config.use_reconstruction:
         start = time.perf_counter()
         settings = ReconstructionConfig(
-            iterations=config.reconstruct_iters, learn_scales=config.learn_act_scales, drop=config.reconstruct_drop
+            iterations=config.reconstruct_iters,
+            learn_scales=config.learn_act_scales,
+            weight_scale_lr=1e-4 if config.learn_weight_scales else 0.0,
+            drop=config.reconstruct_drop,
         )
         report["reconstruction"] = reconstruct(qmodel, batches, settings)
         report["reconstruction"]["seconds"] = round(time.perf_counter() - start, 2)

@@ -37,6 +37,7 @@ class ReconstructionConfig:
     scale_lr: float = 4e-5  # LSQ step sizes (QDrop's setting)
     round_weight: float = 0.01  # AdaRound's regulariser weight
     learn_scales: bool = True
+    weight_scale_lr: float = 0.0  # > 0: also learn the weights' per-channel steps (Genie's 1e-4)
     drop: float = 0.0  # QDrop: while learning, each activation keeps its float value with this probability
     fused: bool = True  # learn through torch's fused fake-quant kernel (same gradients, fewer passes)
     seed: int = 0
@@ -192,6 +193,16 @@ def _insert_learned_round(layers: list[nn.Module]) -> list[tuple[nn.Module, obje
     return saved
 
 
+def _weight_steps(layers: list[nn.Module]) -> dict[tuple[int, str], nn.Parameter]:
+    """The weights' learnable step sizes (Brevitas's parameter-from-stats scaling) of ``layers``, by position."""
+    return {
+        (i, name): p
+        for i, layer in enumerate(layers)
+        for name, p in layer.named_parameters()
+        if name.startswith("weight_quant.") and "scaling_impl" in name and name.endswith(".value")
+    }
+
+
 def _round_modules(layers: list[nn.Module]) -> list[nn.Module]:
     from brevitas.core.function_wrapper.learned_round import LearnedRoundSte
 
@@ -305,6 +316,9 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
     scales = [p for p in _scale_parameters(unit.q) if id(p) not in unit.shared] if config.learn_scales else []
     if scales:
         groups.append({"params": scales, "lr": config.scale_lr})
+    steps = _weight_steps(unit.layers) if config.weight_scale_lr > 0 else {}
+    if steps:
+        groups.append({"params": list(steps.values()), "lr": config.weight_scale_lr})
     frozen = [p for p in unit.q.parameters() if all(p is not q for g in groups for q in g["params"])]
     grads = [p.requires_grad for p in frozen]
     for p in frozen:
@@ -316,6 +330,7 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
     before = _error(unit, inputs_q, targets)
     kept = [layer.weight for layer in unit.layers] + scales
     snapshot = [p.detach().clone() for p in kept]
+    steps_before = {k: p.detach().clone() for k, p in steps.items()}
     unit.q.train()
     for m in rounding:
         m.train()
@@ -340,6 +355,8 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
         with torch.no_grad():
             for p, old in zip(kept, snapshot, strict=True):
                 p.copy_(old)
+            for k, p in _weight_steps(unit.layers).items():  # baking made new parameters: found again by name
+                p.copy_(steps_before[k])
         return {"unit": unit.name, "mse_before": before, "mse_after": before, "kept_rounding": True}
     return {"unit": unit.name, "mse_before": before, "mse_after": after}
 
