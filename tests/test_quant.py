@@ -371,6 +371,29 @@ def test_reconstruction_lowers_block_errors_reloads_and_exports(resnet20, graph,
     assert (onnx.argmax(1) == got[:8].argmax(1)).float().mean() >= 0.75
 
 
+def test_learned_weight_steps_move_and_reload(tmp_path):
+    from brevitas_zeroshot.quant._reconstruct import _weight_steps
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=32)
+    base = dict(w_bits=2, a_bits=4, gptq=False, bias_correction=False, reconstruct_iters=10)
+    steps = {}
+    for learn in (False, True):
+        config = BrevitasConfig(**base, learn_weight_scales=learn)
+        qmodel, report = quantize(model, calib, config)
+        layers = [m for m in qmodel.modules() if hasattr(m, "quant_weight")]
+        steps[learn] = torch.cat([p.detach().flatten() for p in _weight_steps(layers).values()])
+    assert steps[False].shape == steps[True].shape
+    assert not torch.allclose(steps[False], steps[True])  # the steps were learned...
+    assert (steps[True] / steps[False] - 1).abs().max() < 0.5  # ...from the calibrated ones
+    save_quantized(qmodel, tmp_path, model_name="cifar_resnet20", config=config, data_config=cfg, calib=calib,
+                   report=report)  # fmt: skip
+    again, _ = load_quantized(tmp_path)
+    x = calib.images[:8]
+    with torch.no_grad():
+        assert torch.equal(_value(again(x)), _value(qmodel(x)))
+
+
 def test_qdrop_keeps_float_activations_at_its_rate_only_while_learning():
     import brevitas.nn as qnn
     from brevitas.quant import Uint8ActPerTensorFloat
