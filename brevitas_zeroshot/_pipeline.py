@@ -51,8 +51,8 @@ class PipelineConfig:
         from .quant._registry import quant_keys
 
         self.out = Path(self.out)
-        for what, given, known in (("synthesis", self.synthesis, SYNTHESIS_KEYS), ("quantization", self.quant,
-                                                                                  set(quant_keys()))):  # fmt: skip
+        settings = (("synthesis", self.synthesis, SYNTHESIS_KEYS), ("quantization", self.quant, set(quant_keys())))
+        for what, given, known in settings:
             unknown = set(given) - known
             if unknown:
                 raise BzqError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}.")
