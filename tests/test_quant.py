@@ -236,7 +236,7 @@ def test_asymmetric_weights_use_every_level_reload_and_export(tmp_path):
     assert all(errors[False][n] < errors[True][n] for n in errors[True]), errors
 
     calib = create_calibration_set("gaussian", model, cfg, num_images=32)
-    config = BrevitasConfig(w_bits=2, a_bits=4, weight_symmetric=False, reconstruct_iters=5)
+    config = BrevitasConfig(w_bits=2, a_bits=4, weight_symmetric=False, weight_range="mse", reconstruct_iters=5)
     qmodel, report = quantize(model, calib, config)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
