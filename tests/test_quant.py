@@ -394,6 +394,29 @@ def test_learned_weight_steps_move_and_reload(tmp_path):
         assert torch.equal(_value(again(x)), _value(qmodel(x)))
 
 
+@pytest.mark.parametrize("learn_weight_scales", [False, True])
+def test_a_unit_that_would_get_worse_keeps_its_weights_and_steps(monkeypatch, learn_weight_scales):
+    from brevitas_zeroshot.quant import _reconstruct
+    from brevitas_zeroshot.quant._reconstruct import _weight_steps
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=8)
+    config = BrevitasConfig(w_bits=4, a_bits=4, gptq=False, bias_correction=False, graph="layerwise",
+                            learn_weight_scales=learn_weight_scales)  # fmt: skip
+    qmodel, _ = build_quant_model(model, config, (3, 32, 32))
+    calibrate(qmodel, [calib.images])
+    layers = [m for m in qmodel.modules() if hasattr(m, "quant_weight")]
+    weights = [m.weight.detach().clone() for m in layers]
+    steps = {k: p.detach().clone() for k, p in _weight_steps(layers).items()}
+    errors = iter(range(1000))  # every unit's error "grows": each one must keep what it had
+    monkeypatch.setattr(_reconstruct, "_error", lambda *args: float(next(errors)))
+    settings = _reconstruct.ReconstructionConfig(iterations=3, weight_scale_lr=1e-2 if learn_weight_scales else 0)
+    report = _reconstruct.reconstruct(qmodel, [calib.images], settings)
+    assert len(report["units"]) == 20 and all(u["kept_rounding"] for u in report["units"])
+    assert all(torch.equal(m.weight, w) for m, w in zip(layers, weights, strict=True))
+    assert all(torch.equal(p, steps[k]) for k, p in _weight_steps(layers).items())
+
+
 def test_qdrop_keeps_float_activations_at_its_rate_only_while_learning():
     import brevitas.nn as qnn
     from brevitas.quant import Uint8ActPerTensorFloat

@@ -355,8 +355,9 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
         with torch.no_grad():
             for p, old in zip(kept, snapshot, strict=True):
                 p.copy_(old)
-            for k, p in _weight_steps(unit.layers).items():  # baking made new parameters: found again by name
-                p.copy_(steps_before[k])
+            now = _weight_steps(unit.layers)  # baking made new parameters: found again by name
+            for k, old in steps_before.items():
+                now[k].copy_(old)
         return {"unit": unit.name, "mse_before": before, "mse_after": before, "kept_rounding": True}
     return {"unit": unit.name, "mse_before": before, "mse_after": after}
 
