@@ -99,15 +99,15 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         )
     else:
         metrics = "Not measured: the model was quantized without `--eval-data`."
-    first_last = q.get("first_last_bits")
+    first_last, report = q.get("first_last_bits"), meta.get("report", {})
     scheme = (
         f"{q['backend']}, weights {q['w_bits']}-bit, activations {q['a_bits']}-bit"
         + (f", first/last layer {first_last}-bit" if q["backend"] == "brevitas" and first_last else "")
-        + (", asymmetric weights (zero points)" if q.get("weight_symmetric") is False else "")
+        + (", asymmetric weights (zero points)" if report.get("weight_grid", "").startswith("asym") else "")
         + (", GPTQ" if q.get("gptq") or (q.get("gptq") is None and q.get("w_bits", 8) < 8) else "")
-        + (", block reconstruction" if "reconstruction" in meta.get("report", {}) else "")
+        + (", block reconstruction" if "reconstruction" in report else "")
         + (", bias correction" if q.get("bias_correction") else "")
-        + (", residual adds not quantized" if meta.get("report", {}).get("residual_adds_in_float") else "")
+        + (", residual adds not quantized" if report.get("residual_adds_in_float") else "")
     )
     if base:
         origin = f"[{base}](https://huggingface.co/{base})"

@@ -95,10 +95,10 @@ def test_model_card_metadata_parses_with_huggingface_hub(quantized_dir, tmp_path
     low = tmp_path / "low"  # the card names the steps a 4-bit Brevitas model went through
     shutil.copytree(quantized_dir, low)
     meta = json.loads((low / "quant_config.json").read_text())
-    meta["quantization"].update(
-        backend="brevitas", w_bits=4, a_bits=4, first_last_bits=8, bias_correction=True, weight_symmetric=False
+    meta["quantization"].update(backend="brevitas", w_bits=4, a_bits=4, first_last_bits=8, bias_correction=True)
+    meta["report"].update(
+        reconstruction={"units": [], "seconds": 1.0}, residual_adds_in_float=9, weight_grid="asymmetric, mse steps"
     )
-    meta["report"].update(reconstruction={"units": [], "seconds": 1.0}, residual_adds_in_float=9)
     (low / "quant_config.json").write_text(json.dumps(meta))
     assert (
         "brevitas, weights 4-bit, activations 4-bit, first/last layer 8-bit, asymmetric weights (zero points), GPTQ, "

@@ -236,8 +236,10 @@ def test_asymmetric_weights_use_every_level_reload_and_export(tmp_path):
     assert all(errors[False][n] < errors[True][n] for n in errors[True]), errors
 
     calib = create_calibration_set("gaussian", model, cfg, num_images=32)
-    config = BrevitasConfig(w_bits=2, a_bits=4, weight_symmetric=False, weight_range="mse", reconstruct_iters=5)
+    config = BrevitasConfig(w_bits=2, a_bits=4, reconstruct_iters=5)  # the 2-bit default: asymmetric, mse steps
     qmodel, report = quantize(model, calib, config)
+    assert report["weight_grid"] == "asymmetric, mse steps"
+    assert (BrevitasConfig(w_bits=3).symmetric_weights, BrevitasConfig(w_bits=3).weight_steps) == (True, "max")
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = _value(qmodel(x))

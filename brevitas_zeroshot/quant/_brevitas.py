@@ -39,10 +39,12 @@ class BrevitasConfig:
     # None: mse with reconstruction, which learns the steps from there (better at W4A4; without it mse was worse,
     # docs/method.md), percentile otherwise.
     act_range: str | None = None
-    weight_range: str = "max"  # weight steps from the largest magnitude, or "mse" (Brevitas's error search)
-    # Symmetric weights (a zero at the grid's centre, narrow range: 3 levels at 2 bits) or asymmetric (a per-channel
-    # zero point, every level spans [min, max]).
-    weight_symmetric: bool = True
+    # Weight steps from the largest magnitude ("max") or Brevitas's error search ("mse"), on a symmetric grid (zero
+    # at its centre, narrow range) or an asymmetric one (per-channel zero point). None: asymmetric mse for 2-bit
+    # weights, where the symmetric grid is ternary and max steps round most weights to 0 (W2A4 tuning split: 27.8
+    # -> 52.6, docs/method.md); symmetric max otherwise (better at 3 and 4 bits).
+    weight_range: str | None = None
+    weight_symmetric: bool | None = None
     equalize_iters: int = 20
     gptq: bool | None = None  # None: on when w_bits < 8
     gpfq: bool = False
@@ -74,7 +76,7 @@ class BrevitasConfig:
             raise BzqError("choose GPTQ or GPFQ, not both.")
         if self.act_range not in (None, "percentile", "mse"):
             raise BzqError(f"act_range must be 'percentile' or 'mse', not {self.act_range!r}.")
-        if self.weight_range not in ("max", "mse"):
+        if self.weight_range not in (None, "max", "mse"):
             raise BzqError(f"weight_range must be 'max' or 'mse', not {self.weight_range!r}.")
         if not 0 < self.act_percentile <= 100:
             raise BzqError("act_percentile must be in (0, 100].")
@@ -86,6 +88,14 @@ class BrevitasConfig:
     @property
     def activation_range(self) -> str:
         return self.act_range or ("mse" if self.use_reconstruction else "percentile")
+
+    @property
+    def weight_steps(self) -> str:
+        return self.weight_range or ("mse" if self.w_bits <= 2 else "max")
+
+    @property
+    def symmetric_weights(self) -> bool:
+        return self.w_bits > 2 if self.weight_symmetric is None else self.weight_symmetric
 
     @property
     def residual_adds_quantized(self) -> bool:
@@ -161,8 +171,8 @@ def _quantizers(config: BrevitasConfig):
         Uint8ActPerTensorFloat,
     )
 
-    per_channel, mse = config.weight_granularity == "per_channel", config.weight_range == "mse"
-    if config.weight_symmetric:
+    per_channel, mse = config.weight_granularity == "per_channel", config.weight_steps == "mse"
+    if config.symmetric_weights:
         base = Int8WeightPerChannelFloat if per_channel else Int8WeightPerTensorFloat
     else:  # integer zero point; "mse" searches the range and the zero point
         base = ShiftedUint8WeightPerChannelFloat if per_channel else ShiftedUint8WeightPerTensorFloat
@@ -465,6 +475,7 @@ def quantize_brevitas(
     qmodel.to(next(float_model.parameters()).device)
     calibrate(qmodel, batches)
     report["act_range"] = config.activation_range
+    report["weight_grid"] = f"{'symmetric' if config.symmetric_weights else 'asymmetric'}, {config.weight_steps} steps"
     report["weights_changed_by_gptq"] = 0.0
     if config.use_gptq or config.gpfq:
         report["weights_changed_by_gptq"] = optimise_weights(qmodel, batches, "gpfq" if config.gpfq else "gptq")
