@@ -239,7 +239,9 @@ def build_quant_model(
     w_bits = lambda module: hb if id(module) in edge else wb  # noqa: E731
 
     graph = None
-    if config.graph in ("auto", "fx"):
+    if config.graph == "auto" and not config.symmetric_weights:
+        report["notes"].append("asymmetric weights: layerwise mode (Brevitas's graph mode cannot carry zero points)")
+    elif config.graph in ("auto", "fx"):
         try:
             graph = preprocess_for_quantize(
                 model, equalize_iters=config.equalize_iters, merge_bn=True, relu6_to_relu=False
