@@ -227,13 +227,34 @@ def _reloads_and_exports(qmodel, x, folder, **saved) -> None:
 
     with torch.no_grad():
         got = _value(qmodel(x))
-    save_quantized(qmodel, folder, model_name="cifar_resnet20", **saved)
+    save_quantized(qmodel, folder, **{"model_name": "cifar_resnet20", **saved})
     again, _ = load_quantized(folder)
     with torch.no_grad():
         assert torch.equal(_value(again(x)), got)
     session = ort.InferenceSession(str(folder / "model.onnx"))
     onnx = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})[0])
     assert torch.allclose(onnx, got[:1], atol=0.2 * got.abs().max().item()), (onnx, got[:1])
+
+
+def test_relu6_below_8_bits_gets_a_calibrated_range_keeps_its_clip_and_exports(tmp_path):
+    model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
+    cfg = resolve_data_config(model)
+    cfg["input_size"] = (3, 64, 64)
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    qmodel, report = build_quant_model(model, BrevitasConfig(w_bits=8, a_bits=4), (3, 64, 64))
+    relu6 = [m for n, m in qmodel.named_modules() if type(m).__name__ == "QuantReLU"]
+    assert report["graph"] == "fx" and report["relu6_calibrated"] == len(relu6) > 10
+    calibrate(qmodel, [calib.images])
+    ranges = [float(m.act_quant.scale()) * 15 for m in relu6]
+    assert max(ranges) <= 6.0 + 1e-5 and min(ranges) < 5.0, ranges  # calibrated, never past the clip at 6
+    x = calib.images[:4] * 50  # far outside the calibration range: outputs still clipped at 6
+    with torch.no_grad():
+        assert all(_value(m(x.new_full((2, 3), 100.0))).max() <= 6.0 + 1e-5 for m in relu6)
+    assert build_quant_model(model, BrevitasConfig(w_bits=8, a_bits=8), (3, 64, 64))[1]["relu6_calibrated"] == 0
+    config = BrevitasConfig(w_bits=8, a_bits=4, reconstruct=False)
+    qmodel, report = quantize(model, calib, config)
+    _reloads_and_exports(qmodel, x, tmp_path, model_name="mobilenetv2_035", config=config, data_config=cfg,
+                         calib=calib, report=report)  # fmt: skip
 
 
 def test_asymmetric_weights_use_every_level_reload_and_export(tmp_path):

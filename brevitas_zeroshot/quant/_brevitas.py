@@ -256,6 +256,11 @@ def build_quant_model(
         act_map = {k: v for k, v in QUANT_ACT_MAP.items()}
         act_map[nn.ReLU] = (qnn.QuantReLU, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True})
         act_map[nn.ReLU6] = (qnn.QuantReLU, {**QUANT_ACT_MAP[nn.ReLU6][1], "bit_width": ab})
+        # Brevitas's ReLU6 quantizer keeps a fixed 0..6 range (a 0.4 step at 4 bits, never calibrated): below 8 bits
+        # ReLU6 gets the calibrated quantizer, the clip at 6 kept in front of it (set after quantize, by name).
+        relu6 = [n for n, m in graph.named_modules() if isinstance(m, nn.ReLU6)] if ab < 8 else []
+        if relu6:
+            act_map[nn.ReLU6] = (qnn.QuantReLU, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True})
         identity_map = {
             "signed": (qnn.QuantIdentity, {"act_quant": signed, "bit_width": ab, "return_quant_tensor": True}),
             "unsigned": (qnn.QuantIdentity, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True}),
@@ -269,6 +274,9 @@ def build_quant_model(
             _fx_failed(config, float_model, "quantize", e, report)
             graph = None
     if graph is not None:
+        for name in relu6:
+            qmodel.get_submodule(name).act_quant.fused_activation_quant_proxy.activation_impl = nn.ReLU6()
+        report["relu6_calibrated"] = len(relu6)
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
         if not config.residual_adds_quantized:
             _unquantize_residual_adds(qmodel, report)
