@@ -12,7 +12,6 @@ import typer
 
 from ._errors import BzqError, BzqInterrupted, BzqPartial
 from ._utils import keep_freed_memory
-from .quant import BrevitasConfig, PT2EConfig
 from .synth._synthesiser import SynthesisConfig
 
 app = typer.Typer(
@@ -40,7 +39,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 
 # Synthesis options, declared once for `generate` and `quantize` (defaults: SynthesisConfig's).
-_SYN, _BREVITAS, _PT2E = SynthesisConfig(), BrevitasConfig(), PT2EConfig()
+_SYN = SynthesisConfig()
 IterationsOpt = Annotated[int, typer.Option("--iterations", min=0, help="Synthesis steps per batch.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images whose statistics are matched together.")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
@@ -303,15 +302,13 @@ def quantize(
     eval_limit: Annotated[int | None, typer.Option("--eval-limit", min=1, help="Evaluate the first N only.")] = None,
     first_last_bits: Annotated[
         int, typer.Option("--first-last-bits", help="Bits of the first and last layers (brevitas); 0: as the rest.")
-    ] = _BREVITAS.first_last_bits,
+    ] = 8,
     gptq: Annotated[
         bool | None, typer.Option("--gptq/--no-gptq", help="GPTQ on weights (default: on below 8 bits).")
     ] = None,
-    gpfq: Annotated[bool, typer.Option("--gpfq", help="GPFQ instead of GPTQ (brevitas).")] = _BREVITAS.gpfq,
-    bias_correction: Annotated[
-        bool, typer.Option("--bias-correction/--no-bias-correction")
-    ] = _BREVITAS.bias_correction,
-    graph: Annotated[str, typer.Option("--graph", help="brevitas: auto, fx or layerwise.")] = _BREVITAS.graph,
+    gpfq: Annotated[bool, typer.Option("--gpfq", help="GPFQ instead of GPTQ (brevitas).")] = False,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction")] = True,
+    graph: Annotated[str, typer.Option("--graph", help="brevitas: auto, fx or layerwise.")] = "auto",
     reconstruct: Annotated[
         bool | None,
         typer.Option(
@@ -321,13 +318,13 @@ def quantize(
     ] = None,
     reconstruct_iters: Annotated[
         int, typer.Option("--reconstruct-iters", min=1, help="brevitas: reconstruction steps per block.")
-    ] = _BREVITAS.reconstruct_iters,
+    ] = 300,
     reconstruct_drop: Annotated[
         float,
         typer.Option(
             "--reconstruct-drop", help="brevitas: QDrop, the chance an activation skips quantization while learning."
         ),
-    ] = _BREVITAS.reconstruct_drop,
+    ] = 0.0,
     quantize_residual_adds: Annotated[
         bool | None,
         typer.Option(
@@ -341,9 +338,7 @@ def quantize(
             "--act-range", help="brevitas: activation ranges by percentile or mse (default: mse with reconstruction)."
         ),
     ] = None,
-    target: Annotated[
-        str, typer.Option("--target", help="pt2e: x86 (Inductor) or xnnpack (ExecuTorch).")
-    ] = _PT2E.target,
+    target: Annotated[str, typer.Option("--target", help="pt2e: x86 (Inductor) or xnnpack (ExecuTorch).")] = "x86",
     settings: Annotated[
         list[str] | None,
         typer.Option(

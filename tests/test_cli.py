@@ -132,6 +132,20 @@ def test_quantize_writes_results_and_eval_reads_the_folder(resnet20_weights, cif
     assert refused.returncode != 0 and "already holds a quantized model" in refused.stderr
 
 
+def test_quantize_flag_defaults_are_the_backend_configs_defaults():
+    # the CLI module stays free of the quantization imports (torchao's import-time warnings, `bzq --help` speed),
+    # so its flags repeat the configs' defaults: this keeps the two from drifting apart
+    import inspect
+
+    from brevitas_zeroshot.cli import quantize
+    from brevitas_zeroshot.quant import BrevitasConfig, PT2EConfig
+    from brevitas_zeroshot.quant._registry import quant_keys
+
+    defaults = {**vars(PT2EConfig()), **vars(BrevitasConfig())}
+    flags = {n: p.default for n, p in inspect.signature(quantize).parameters.items() if n in quant_keys()}
+    assert len(flags) >= 10 and all(flags[n] == defaults[n] for n in flags), flags
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
