@@ -257,6 +257,21 @@ def test_relu6_below_8_bits_gets_a_calibrated_range_keeps_its_clip_and_exports(t
                          calib=calib, report=report)  # fmt: skip
 
 
+@pytest.mark.parametrize("graph", ["fx", "layerwise"])
+def test_depthwise_bits_apply_to_depthwise_convolutions_only(graph):
+    model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
+    config = BrevitasConfig(w_bits=4, a_bits=8, depthwise_bits=8, graph=graph)
+    qmodel, report = build_quant_model(model, config, (3, 64, 64))
+    assert report["graph"] == graph
+    bits = {
+        n: (m.groups > 1, int(m.quant_weight().bit_width))
+        for n, m in qmodel.named_modules()
+        if isinstance(m, nn.Conv2d) and hasattr(m, "quant_weight") and n != "conv_stem"
+    }
+    assert {b for dw, b in bits.values() if dw} == {8} and {b for dw, b in bits.values() if not dw} == {4}
+    assert sum(dw for dw, _ in bits.values()) == 17  # every inverted-residual block has one depthwise conv
+
+
 def test_asymmetric_weights_use_every_level_reload_and_export(tmp_path):
     model, cfg = random_r20()
     errors, levels = {}, {}
@@ -321,7 +336,8 @@ def test_quantize_takes_any_calibration_data():
     config = BrevitasConfig(gptq=False, bias_correction=False)
     reference, _ = quantize(model, calib, config)
     x = calib.images[:4]
-    for data in (DataLoader(calib, batch_size=32), (images for images, _ in calib.loader(32)), [calib.images]):
+    loaders = (DataLoader(calib, batch_size=32), (images for images, _ in calib.loader(32)), [calib.images])
+    for data in (*loaders, calib.images):  # a bare (N, C, H, W) tensor is split into batches
         qmodel, _ = quantize(model, data, config)
         assert torch.equal(qmodel(x), reference(x)), type(data)
     with pytest.raises(BzqError, match="empty"):

@@ -33,6 +33,7 @@ class BrevitasConfig:
     w_bits: int = 8
     a_bits: int = 8
     first_last_bits: int | None = 8  # None: the first and last layers get w_bits/a_bits too
+    depthwise_bits: int | None = None  # weight bits of depthwise convolutions (None: w_bits)
     weight_granularity: str = "per_channel"  # or "per_tensor"
     act_percentile: float = 99.999
     # How calibration sets activation ranges: "percentile" (act_percentile) or "mse" (Brevitas's error search);
@@ -46,6 +47,7 @@ class BrevitasConfig:
     weight_range: str | None = None
     weight_symmetric: bool | None = None
     equalize_iters: int = 20
+    relu6_to_relu: bool = False
     gptq: bool | None = None  # None: on when w_bits < 8
     gpfq: bool = False
     bias_correction: bool = True
@@ -66,8 +68,10 @@ class BrevitasConfig:
             bits = getattr(self, name)
             if not 2 <= bits <= 16:
                 raise BzqError(f"{name}={bits}: Brevitas integer quantization here takes 2 to 16 bits.")
-        if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 16:
-            raise BzqError(f"first_last_bits={self.first_last_bits}: must be 2 to 16, or None.")
+        for name in ("first_last_bits", "depthwise_bits"):
+            bits = getattr(self, name)
+            if bits is not None and not 2 <= bits <= 16:
+                raise BzqError(f"{name}={bits}: must be 2 to 16, or None.")
         if self.weight_granularity not in ("per_channel", "per_tensor"):
             raise BzqError("weight_granularity must be 'per_channel' or 'per_tensor'.")
         if self.graph not in ("auto", "fx", "layerwise"):
@@ -203,6 +207,10 @@ def _quantizers(config: BrevitasConfig):
     return weight, signed, unsigned, Int32Bias
 
 
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
 def _edge_layers(model: nn.Module, float_model: nn.Module) -> tuple[str | None, str | None]:
     """Names of the first conv and the classifier (timm's pretrained_cfg, else the first/last compute layer)."""
     cfg = getattr(float_model, "pretrained_cfg", {}) or {}
@@ -236,7 +244,8 @@ def build_quant_model(
     edge = {id(model.get_submodule(n)) for n in (first, last) if n is not None} if hb else set()
 
     # Brevitas evaluates lambdas (only lambdas) in layer-map kwargs once per original module.
-    w_bits = lambda module: hb if id(module) in edge else wb  # noqa: E731
+    dwb = config.depthwise_bits or wb
+    w_bits = lambda module: hb if id(module) in edge else (dwb if _depthwise(module) else wb)  # noqa: E731
 
     graph = None
     if config.graph == "auto" and not config.symmetric_weights:
@@ -244,7 +253,7 @@ def build_quant_model(
     elif config.graph in ("auto", "fx"):
         try:
             graph = preprocess_for_quantize(
-                model, equalize_iters=config.equalize_iters, merge_bn=True, relu6_to_relu=False
+                model, equalize_iters=config.equalize_iters, merge_bn=True, relu6_to_relu=config.relu6_to_relu
             )
         except Exception as e:
             _fx_failed(config, float_model, "trace", e, report)

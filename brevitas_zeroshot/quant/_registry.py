@@ -103,8 +103,9 @@ def quant_keys() -> dict[str, object]:
 class CalibrationBatches:
     """Image batches from any calibration data, re-iterable (Brevitas GPTQ passes over them once per layer).
 
-    Takes a :class:`CalibrationSet`, any ``Dataset`` of ``(image, label)`` or of images, a ``DataLoader``, or any
-    iterable of batches (``(images, labels)`` pairs or image tensors); a one-shot iterator is kept in memory.
+    Takes a :class:`CalibrationSet`, one tensor of images (N, C, H, W), any ``Dataset`` of ``(image, label)`` or of
+    images, a ``DataLoader``, or any iterable of batches (``(images, labels)`` pairs or image tensors); a one-shot
+    iterator is kept in memory.
     """
 
     def __init__(self, data, batch_size: int = 32):
@@ -112,6 +113,8 @@ class CalibrationBatches:
 
         if isinstance(data, CalibrationSet):
             data = data.loader(batch_size)
+        elif isinstance(data, torch.Tensor) and data.dim() == 4:
+            data = list(data.split(batch_size))
         elif isinstance(data, Dataset):
             data = DataLoader(data, batch_size=batch_size, shuffle=False)
         elif iter(data) is data:  # a generator or iterator: read once, keep
