@@ -103,6 +103,7 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
     scheme = (
         f"{q['backend']}, weights {q['w_bits']}-bit, activations {q['a_bits']}-bit"
         + (f", first/last layer {first_last}-bit" if q["backend"] == "brevitas" and first_last else "")
+        + (f", depthwise convolutions {q['depthwise_bits']}-bit weights" if q.get("depthwise_bits") else "")
         + (", asymmetric weights (zero points)" if report.get("weight_grid", "").startswith("asym") else "")
         + (", GPTQ" if q.get("gptq") or (q.get("gptq") is None and q.get("w_bits", 8) < 8) else "")
         + (", block reconstruction" if "reconstruction" in report else "")

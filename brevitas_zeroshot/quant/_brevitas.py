@@ -47,7 +47,6 @@ class BrevitasConfig:
     weight_range: str | None = None
     weight_symmetric: bool | None = None
     equalize_iters: int = 20
-    relu6_to_relu: bool = False
     gptq: bool | None = None  # None: on when w_bits < 8
     gpfq: bool = False
     bias_correction: bool = True
@@ -253,7 +252,7 @@ def build_quant_model(
     elif config.graph in ("auto", "fx"):
         try:
             graph = preprocess_for_quantize(
-                model, equalize_iters=config.equalize_iters, merge_bn=True, relu6_to_relu=config.relu6_to_relu
+                model, equalize_iters=config.equalize_iters, merge_bn=True, relu6_to_relu=False
             )
         except Exception as e:
             _fx_failed(config, float_model, "trace", e, report)
