@@ -263,12 +263,12 @@ def build_quant_model(
             layer_map[cls] = (qcls, {**kwargs, "weight_quant": weight, "weight_bit_width": w_bits, "bias_quant": bias})
         act_map = {k: v for k, v in QUANT_ACT_MAP.items()}
         act_map[nn.ReLU] = (qnn.QuantReLU, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True})
-        act_map[nn.ReLU6] = (qnn.QuantReLU, {**QUANT_ACT_MAP[nn.ReLU6][1], "bit_width": ab})
         # Brevitas's ReLU6 quantizer keeps a fixed 0..6 range (a 0.4 step at 4 bits, never calibrated): below 8 bits
         # ReLU6 gets the calibrated quantizer, the clip at 6 kept in front of it (set after quantize, by name).
         relu6 = [n for n, m in graph.named_modules() if isinstance(m, nn.ReLU6)] if ab < 8 else []
-        if relu6:
-            act_map[nn.ReLU6] = (qnn.QuantReLU, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True})
+        act_map[nn.ReLU6] = (
+            act_map[nn.ReLU] if relu6 else (qnn.QuantReLU, {**QUANT_ACT_MAP[nn.ReLU6][1], "bit_width": ab})
+        )
         identity_map = {
             "signed": (qnn.QuantIdentity, {"act_quant": signed, "bit_width": ab, "return_quant_tensor": True}),
             "unsigned": (qnn.QuantIdentity, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True}),
