@@ -342,6 +342,8 @@ def test_quantize_takes_any_calibration_data():
         assert torch.equal(qmodel(x), reference(x)), type(data)
     with pytest.raises(BzqError, match="empty"):
         quantize(model, [], config)
+    with pytest.raises(BzqError, match=r"must be \(N, C, H, W\), not of shape \(3, 32, 32\)"):
+        quantize(model, calib.images[0], config)  # one image without its batch dimension
 
 
 def test_a_third_party_backend_plugs_in(tmp_path):

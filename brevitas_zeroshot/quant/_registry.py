@@ -113,7 +113,12 @@ class CalibrationBatches:
 
         if isinstance(data, CalibrationSet):
             data = data.loader(batch_size)
-        elif isinstance(data, torch.Tensor) and data.dim() == 4:
+        elif isinstance(data, torch.Tensor):
+            if data.dim() != 4:
+                raise BzqError(
+                    f"a tensor of calibration images must be (N, C, H, W), not of shape {tuple(data.shape)} "
+                    "(one image: add the batch dimension, x[None])."
+                )
             data = list(data.split(batch_size))
         elif isinstance(data, Dataset):
             data = DataLoader(data, batch_size=batch_size, shuffle=False)
