@@ -68,7 +68,9 @@ def test_overrides_are_typed_and_validated(tmp_path):
     assert (backend.w_bits, backend.gptq, backend.weight_symmetric) == (4, False, False)
     with pytest.raises(BzqError, match="--set reconstruct_iters=many: 'reconstruct_iters' must be int"):
         load_recipe(path, ["reconstruct_iters=many"])
-    with pytest.raises(BzqError, match="--set reconstruct_iters=0: reconstruct_iters must be at least 1"):
+    with pytest.raises(
+        BzqError, match="--set reconstruct_iters=0: reconstruct_iters and reconstruct_batch must be at least 1"
+    ):
         load_recipe(path, ["reconstruct_iters=0"])
     assert config.out == Path("r")  # default output folder: the recipe's name
     with pytest.raises(BzqError, match="--set a_bits=1"):

@@ -54,6 +54,7 @@ class BrevitasConfig:
     graph: str = "auto"  # "fx" (graph mode, BN merged), "layerwise", or "auto" (fx, else layerwise)
     reconstruct: bool | None = None  # block reconstruction after GPTQ (None: on below 8-bit activations)
     reconstruct_iters: int = 300  # optimisation steps per block
+    reconstruct_batch: int = 32  # images per reconstruction step
     learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
     learn_weight_scales: bool = False  # reconstruction also learns the weights' per-channel steps (as Genie)
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
@@ -83,8 +84,8 @@ class BrevitasConfig:
             raise BzqError(f"weight_range must be 'max' or 'mse', not {self.weight_range!r}.")
         if not 0 < self.act_percentile <= 100:
             raise BzqError("act_percentile must be in (0, 100].")
-        if self.reconstruct_iters < 1:
-            raise BzqError("reconstruct_iters must be at least 1.")
+        if self.reconstruct_iters < 1 or self.reconstruct_batch < 1:
+            raise BzqError("reconstruct_iters and reconstruct_batch must be at least 1.")
         if not 0 <= self.reconstruct_drop < 1:
             raise BzqError("reconstruct_drop must be in [0, 1).")
 
@@ -501,6 +502,7 @@ def quantize_brevitas(
         start = time.perf_counter()
         settings = ReconstructionConfig(
             iterations=config.reconstruct_iters,
+            batch_size=config.reconstruct_batch,
             learn_scales=config.learn_act_scales,
             weight_scale_lr=1e-4 if config.learn_weight_scales else 0.0,
             drop=config.reconstruct_drop,

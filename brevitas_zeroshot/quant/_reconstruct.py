@@ -389,7 +389,8 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
         images = [x.to(device, memory_format=torch.channels_last) for x in _rebatch(batches, config.batch_size)]
         xq, xf = images, images
         rng = random.Random(config.seed)
-        report = {"mode": "blocks" if chained else "layers", "units": []}
+        report = {"mode": "blocks" if chained else "layers", "iterations": config.iterations,
+                  "batch_size": config.batch_size, "units": []}  # fmt: skip
         bar = progress(total=len(units) * config.iterations, desc="reconstruction", unit="it")
         for unit in units:
             if not chained:
