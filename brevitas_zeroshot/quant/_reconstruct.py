@@ -245,15 +245,18 @@ class _Fused(nn.Module):
 
     def __init__(self, quant: nn.Module):
         super().__init__()
-        self.quant = quant
+        self.quant, self.per_channel = quant, False
 
     def forward(self, x):
         q = self.quant
+        if self.per_channel:
+            return q(x)
         bit_width = q.msb_clamp_bit_width_impl()
         scale = q.scaling_impl(x, q.int_scaling_impl(bit_width))
         zero_point = q.zero_point_impl(x, scale, bit_width)
-        if scale.numel() != 1 or zero_point.numel() != 1:
-            return q(x)  # per-channel steps: Brevitas's own path
+        if scale.numel() != 1 or zero_point.numel() != 1:  # per-channel steps: Brevitas's own path from now on
+            self.per_channel = True
+            return q(x)
         lo, hi = int(q.int_quant.min_int(bit_width)), int(q.int_quant.max_int(bit_width))
         y = torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1), lo, hi, 1.0)
         return y, scale, zero_point, bit_width
