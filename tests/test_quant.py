@@ -612,9 +612,11 @@ def test_reconstruction_cuts_a_graph_whose_requantizers_brevitas_shares():
     model, cfg = load_model("mobilenetv2_035", pretrained=False)
     cfg = {**cfg, "input_size": (3, 32, 32)}
     calib = create_calibration_set("gaussian", model, cfg, num_images=4)
-    _, report = quantize(model, calib, BrevitasConfig(w_bits=4, a_bits=4, gptq=False, reconstruct_iters=1))
+    config = BrevitasConfig(w_bits=4, a_bits=4, gptq=False, reconstruct_iters=1, reconstruct_batch=3)
+    _, report = quantize(model, calib, config)
     assert report["graph"] == "fx" and report["reconstruction"]["mode"] == "blocks"
     assert len(report["reconstruction"]["units"]) > 5
+    assert (report["reconstruction"]["iterations"], report["reconstruction"]["batch_size"]) == (1, 3)
 
 
 def test_reconstruction_does_not_cut_the_graph_at_a_split():
