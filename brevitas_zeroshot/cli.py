@@ -318,7 +318,7 @@ def quantize(
     ] = None,
     reconstruct_iters: Annotated[
         int, typer.Option("--reconstruct-iters", min=1, help="brevitas: reconstruction steps per block.")
-    ] = 300,
+    ] = 1200,
     reconstruct_drop: Annotated[
         float,
         typer.Option(

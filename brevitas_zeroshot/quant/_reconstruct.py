@@ -31,8 +31,8 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class ReconstructionConfig:
-    iterations: int = 300  # optimisation steps per unit
-    batch_size: int = 32
+    iterations: int = 1200  # optimisation steps per unit
+    batch_size: int = 8
     round_lr: float = 1e-2
     scale_lr: float = 4e-5  # LSQ step sizes (QDrop's setting)
     round_weight: float = 0.01  # AdaRound's regulariser weight
