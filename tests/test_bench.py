@@ -88,6 +88,15 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
     assert len(again["cells"]) == len(cells) and files[0].exists()
     assert all(p.stat().st_mtime_ns == stamps[p] for p in files[1:])
 
+    # A cell made under other defaults (its spec resolved to other settings then) is redone, not reused.
+    stale = next(p for p in files[1:] if "brevitas" in str(p))
+    row = json.loads(stale.read_text())
+    assert row["quant_config"]["reconstruct_iters"] == 3
+    stale.write_text(json.dumps({**row, "quant_config": {**row["quant_config"], "reconstruct_iters": 300}}))
+    bench_quality(config, tmp_path)
+    assert json.loads(stale.read_text())["quant_config"]["reconstruct_iters"] == 3
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in files[1:] if p != stale)
+
 
 @pytest.mark.parametrize("backend", ["pt2e", "brevitas"])
 def test_latency_bench_times_the_deployed_runtime_and_sizes(backend, tmp_path):

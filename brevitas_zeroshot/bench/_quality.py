@@ -105,6 +105,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
     """Run every cell not already in ``out``; write ``results.json`` and ``results.md``; return the results."""
     out = Path(out)
     schemes = {spec: make_scheme(spec) for spec in config.schemes}  # bad specs fail before any work
+    settings = {spec: json.loads(json.dumps(asdict(c))) for spec, c in schemes.items()}  # as a cell records them
     for source in config.sources:
         parse_spec(source)
     device = resolve_device(config.device)
@@ -122,14 +123,13 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
         for seed in config.seeds:
             for source in config.sources:
                 cells = {s: task_dir / _slug(s) / _slug(source) / f"seed{seed}.json" for s in schemes}
-                if all(c.exists() for c in cells.values()):
+                cells = {s: c for s, c in cells.items() if not _done(c, settings[s])}
+                if not cells:
                     continue
                 folder = out / "sets" / _slug(task_name) / _slug(source) / f"seed{seed}"
                 _logger.info("%s: calibration set '%s' seed %d", task_name, source, seed)
                 calib, seconds = _calibration_set(source, net, data_config, calib_folder, folder, seed, config, device)
                 for scheme, cell in cells.items():
-                    if cell.exists():
-                        continue
                     _logger.info("%s: %s calibrated on '%s' seed %d", task_name, scheme, source, seed)
                     start = time.perf_counter()
                     qmodel, report = quantize(net, calib, schemes[scheme])
@@ -146,10 +146,19 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                         "quantization_seconds": round(quant_seconds, 2),
                         "bn_loss_trace": _loss_trace(calib),
                         "notes": report.get("notes", []),
+                        "quant_config": settings[scheme],
                     }
                     cell.write_text(json.dumps(row, indent=2))
                     del qmodel
     return collect(out, config)
+
+
+def _done(cell: Path, settings: dict) -> bool:
+    """Whether ``cell`` holds a result for these settings: a cell made under other defaults (its spec now resolves
+    differently) is redone; one written before cells recorded their settings is kept."""
+    if not cell.exists():
+        return False
+    return json.loads(cell.read_text()).get("quant_config", settings) == settings
 
 
 def _loss_trace(calib: CalibrationSet) -> list[float] | None:
