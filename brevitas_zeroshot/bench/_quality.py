@@ -18,10 +18,12 @@ import yaml
 
 from .._errors import BzqError
 from .._evaluate import evaluate
+from .._files import write_atomic
 from .._utils import library_versions, machine, resolve_device
 from ..data import create_loader
 from ..models import load_model
 from ..quant import quantize
+from ..quant._api import _config_dict
 from ..quant._registry import create_quant_config
 from ..synth import CalibrationSet
 from ..synth._set import MANIFEST, read_manifest
@@ -105,7 +107,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
     """Run every cell not already in ``out``; write ``results.json`` and ``results.md``; return the results."""
     out = Path(out)
     schemes = {spec: make_scheme(spec) for spec in config.schemes}  # bad specs fail before any work
-    settings = {spec: json.loads(json.dumps(asdict(c))) for spec, c in schemes.items()}  # as a cell records them
+    settings = {spec: json.loads(json.dumps(_config_dict(c, {}))) for spec, c in schemes.items()}  # as cells read
     for source in config.sources:
         parse_spec(source)
     device = resolve_device(config.device)
@@ -148,7 +150,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                         "notes": report.get("notes", []),
                         "quant_config": settings[scheme],
                     }
-                    cell.write_text(json.dumps(row, indent=2))
+                    write_atomic(cell, lambda tmp, row=row: tmp.write_text(json.dumps(row, indent=2)))
                     del qmodel
     return collect(out, config)
 

@@ -53,8 +53,8 @@ class BrevitasConfig:
     calib_batch_size: int = 32
     graph: str = "auto"  # "fx" (graph mode, BN merged), "layerwise", or "auto" (fx, else layerwise)
     reconstruct: bool | None = None  # block reconstruction after GPTQ (None: on below 8-bit activations)
-    reconstruct_iters: int = 1200  # optimisation steps per block
-    reconstruct_batch: int = 8  # images per step (more steps of fewer images won at equal cost: docs/method.md)
+    reconstruct_iters: int = ReconstructionConfig.iterations  # optimisation steps per block
+    reconstruct_batch: int = ReconstructionConfig.batch_size  # images per step
     learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
     learn_weight_scales: bool = False  # reconstruction also learns the weights' per-channel steps (as Genie)
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning

@@ -32,7 +32,7 @@ _logger = logging.getLogger(__name__)
 @dataclass
 class ReconstructionConfig:
     iterations: int = 1200  # optimisation steps per unit
-    batch_size: int = 8
+    batch_size: int = 8  # images per step (more steps of fewer images won at equal cost: docs/method.md)
     round_lr: float = 1e-2
     scale_lr: float = 4e-5  # LSQ step sizes (QDrop's setting)
     round_weight: float = 0.01  # AdaRound's regulariser weight
