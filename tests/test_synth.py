@@ -142,6 +142,7 @@ def test_refuses_other_sets_models_and_sizes(r20, tmp_path):
 def test_a_set_made_before_settings_were_added_is_still_the_same_set(r20, tmp_path, monkeypatch):
     model, cfg = r20
     made = Synthesiser(model, cfg, seed=1, **TINY).generate(tmp_path / "s", show_progress=False)
+    Synthesiser(model, cfg, seed=1, low_res=0.5, **TINY).generate(tmp_path / "low", show_progress=False)
     path = tmp_path / "s" / "manifest.json"
     manifest = json.loads(path.read_text())
     for added in ("micro_batch", "low_res", "precision"):
@@ -152,6 +153,13 @@ def test_a_set_made_before_settings_were_added_is_still_the_same_set(r20, tmp_pa
     assert torch.equal(again.images, made.images)
     with pytest.raises(BzqError, match="holds a different synthetic set"):  # a setting it did not have
         Synthesiser(model, cfg, seed=1, low_res=0.5, **TINY).generate(tmp_path / "s", show_progress=False)
+    # A set whose half-size steps learned pooled full-size images (before they learned half-size ones) is another set.
+    path = tmp_path / "low" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["low_res_revision"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BzqError, match="holds a different synthetic set"):
+        Synthesiser(model, cfg, seed=1, low_res=0.5, **TINY).generate(tmp_path / "low", show_progress=False)
 
 
 def test_model_without_batchnorm_is_refused():
@@ -397,9 +405,9 @@ def test_micro_batches_give_the_whole_batch_statistics_gradient_and_set():
     assert diff.max() < 0.1, diff.max()  # less than one Adam step at the default lr
 
 
-def test_low_res_steps_show_half_size_images_then_full_size_with_the_learning_rate_restarted(r20, monkeypatch):
+def test_low_res_steps_learn_half_size_images_then_full_size_with_the_learning_rate_restarted(r20, monkeypatch):
     model, cfg = r20
-    sizes, lrs = [], []
+    sizes, lrs, learned = [], [], []
     hook = model.conv1.register_forward_pre_hook(  # the batch's passes, not the 2-image memory probes
         lambda m, args: sizes.append(tuple(args[0].shape[-2:])) if len(args[0]) == 8 else None
     )
@@ -407,6 +415,7 @@ def test_low_res_steps_show_half_size_images_then_full_size_with_the_learning_ra
 
     def recording_step(opt, *a, **k):
         lrs.append(opt.param_groups[0]["lr"])
+        learned.append(tuple(opt.param_groups[0]["params"][0].shape[-2:]))
         return step(opt, *a, **k)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
@@ -417,6 +426,7 @@ def test_low_res_steps_show_half_size_images_then_full_size_with_the_learning_ra
     finally:
         hook.remove()
     assert sizes[:6] == [(16, 16)] * 6 and sizes[6:10] == [(32, 32)] * 4  # then the final statistics pass
+    assert learned == [(16, 16)] * 6 + [(32, 32)] * 4  # the images themselves, not only what the model sees
     assert result.images.shape[-2:] == (32, 32)
     assert lrs[0] == lrs[6] == pytest.approx(0.1) and lrs[5] < 0.02 and lrs[9] < lrs[6]
     # The default: half resolution for ImageNet-size inputs only, recorded resolved in the manifest.

@@ -85,6 +85,9 @@ _logger = logging.getLogger(__name__)
 # Settings added after sets were first written, with the value that reproduces those sets: an older set with
 # otherwise equal settings is the same set (it resumes and is reused).
 _ADDED = {"micro_batch": 0, "low_res": 0.0, "precision": "auto"}
+# Revision of what the half-size steps learn (1: full-size images, average-pooled; 2: half-size images, upsampled at
+# the switch). A set made with ``low_res`` under another revision is another set; without ``low_res`` all agree.
+_LOW_RES_REVISION = 2
 
 
 @dataclass
@@ -118,8 +121,8 @@ class SynthesisConfig:
     # then each back-propagates its share. Memory is bounded by the micro-batch; a step costs about 1.5x (one more
     # forward pass). The set is the same to float tolerance.
     micro_batch: int = 0
-    # Multi-resolution schedule (DeepInversion): this fraction of the iterations shows the model the images at
-    # half their side, about 4x cheaper; the rest, with the learning rate's cosine restarted, at full size.
+    # Multi-resolution schedule (DeepInversion): for this fraction of the iterations the images are learned at half
+    # their side, about 4x cheaper; then upsampled and learned at full size, the learning rate's cosine restarted.
     # None: 0.8 for inputs of 128 px and more, 0 below (the BN statistics of a 16 px CIFAR input mean little).
     low_res: float | None = None
     # The model's forward in bf16 autocast (BN statistics and the loss stay fp32): "bf16", "fp32", or "auto": bf16 on
@@ -241,6 +244,7 @@ class Synthesiser:
             "num_classes": self.num_classes,
             "num_images": self.config.num_images,
             "config": asdict(self.config),
+            "low_res_revision": _LOW_RES_REVISION if self.config.low_res else 0,
             "bn_layers": [name for name, _ in self.bn_layers],
             "versions": library_versions(),
             "device": str(self.device),
@@ -327,10 +331,13 @@ class Synthesiser:
         """
         old = own_manifest(folder) if folder.is_dir() else None
         staging = folder / STAGING
-        key = (manifest["fingerprint"], manifest["config"])
+        key = (manifest["fingerprint"], manifest["config"], manifest["low_res_revision"])
 
         def key_of(record: dict | None) -> tuple | None:  # settings added since a set was made: their old behaviour
-            return None if record is None else (record.get("fingerprint"), {**_ADDED, **(record.get("config") or {})})
+            if record is None:
+                return None
+            config = {**_ADDED, **(record.get("config") or {})}
+            return record.get("fingerprint"), config, record.get("low_res_revision", 1 if config["low_res"] else 0)
 
         if old is None:
             if folder.is_dir():
@@ -477,48 +484,75 @@ class Synthesiser:
         i0, i1 = min(s0 * cfg.draws, n), min(s1 * cfg.draws, n)
         target = labels.to(dev)[i0:i1]
         pad = cfg.canvas
-        mean = self._init_images((slots, c, h + 2 * pad, w + 2 * pad), gen)[s0:s1]
+        switch = round(cfg.low_res * cfg.iterations)  # the first full-size step
+        # Until `switch` the images are learned at half their side: every per-pixel cost (sampling, Adam, the
+        # augmentation), not only the model's, is a quarter; then they are upsampled and refined at full size.
+        side, margin = ((h // 2, w // 2), pad // 2) if switch else ((h, w), pad)
+        mean = self._init_images((slots, c, side[0] + 2 * margin, side[1] + 2 * margin), gen)[s0:s1]
         mean = torch.max(torch.min(mean, self.high), self.low).contiguous(memory_format=torch.channels_last)
         params = [mean.requires_grad_()]
         distribution = cfg.parameterization == "distribution"
         if distribution:
-            log_std = torch.full_like(mean, math.log(cfg.init_std)).requires_grad_()
-            params.append(log_std)
-        opt = torch.optim.Adam(params, lr=lr, fused=dev.type in ("cpu", "cuda"))  # one pass: 2x cheaper on the CPU
+            params.append(torch.full_like(mean, math.log(cfg.init_std)).requires_grad_())
+        fused = dev.type in ("cpu", "cuda")  # one pass: 2x cheaper on the CPU
+        opt = torch.optim.Adam(params, lr=lr, fused=fused)
         history = torch.zeros(cfg.iterations + 1, device=dev)
         finite = torch.ones((), dtype=torch.bool, device=dev)
         amp = self._autocast()
 
-        blur = _gaussian_kernel(cfg.blur_sigma, c, dev) if cfg.blur_sigma > 0 else None
+        def blur_kernel(scale: int) -> torch.Tensor | None:
+            return _gaussian_kernel(cfg.blur_sigma / scale, c, dev) if cfg.blur_sigma > 0 else None
+
+        blur = blur_kernel(2 if switch else 1)
 
         def sample() -> torch.Tensor:
+            mean = params[0]
             if distribution:
                 eps = torch.randn((slots, cfg.draws, *mean.shape[1:]), generator=gen, device=dev)[s0:s1]
-                x = (mean[:, None] + log_std.exp()[:, None] * eps).flatten(0, 1)[: i1 - i0]  # slot-major, as labels
+                x = (mean[:, None] + params[1].exp()[:, None] * eps).flatten(0, 1)[: i1 - i0]  # slot-major, as labels
             else:
                 x = mean
             if blur is not None:
-                pad = blur.shape[-1] // 2
-                x = F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), blur, groups=c)
+                k = blur.shape[-1] // 2
+                x = F.conv2d(F.pad(x, (k,) * 4, mode="reflect"), blur, groups=c)
             return torch.max(torch.min(x, self.high), self.low) if distribution or blur is not None else x
 
-        switch = round(cfg.low_res * cfg.iterations)  # the first full-size step
-        size = self._pass_size(i1 - i0, (h // 2, w // 2) if switch else (h, w), stats, amp)
+        def full_size() -> None:
+            """The half-size parameters, and Adam's moments of them, upsampled to full size: the optimisation goes on
+            (a full-size pixel's gradient is about a quarter of its half-size pixel's)."""
+            nonlocal opt, blur, side, margin
+            side, margin, blur = (h, w), pad, blur_kernel(1)
+            old, state = list(params), opt.state
+            with torch.no_grad():
+
+                def up(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+                    t = F.interpolate(t, size=(h + 2 * pad, w + 2 * pad), mode="bilinear", align_corners=False)
+                    return (t * scale).contiguous(memory_format=torch.channels_last)
+
+                params[:] = [up(p).requires_grad_() for p in old]
+                opt = torch.optim.Adam(params, lr=lr, fused=fused)
+                for p, q in zip(old, params, strict=True):
+                    if p in state:
+                        s = state[p]
+                        opt.state[q] = {
+                            "step": s["step"],
+                            "exp_avg": up(s["exp_avg"], 1 / 4),
+                            "exp_avg_sq": up(s["exp_avg_sq"], 1 / 16),
+                        }
+
+        size = self._pass_size(i1 - i0, side, stats, amp)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(switch or cfg.iterations, 1))
         for step in range(cfg.iterations):
             if step == switch and step:
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                full_size()
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations - switch)
-                size = self._pass_size(i1 - i0, (h, w), stats, amp)
+                size = self._pass_size(i1 - i0, side, stats, amp)
             x = sample()
-            if pad:  # one random window for the whole batch (drawn in Python: no device sync)
-                top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
-                x = x[..., top : top + h, left : left + w]
+            if margin:  # one random window for the whole batch (drawn in Python: no device sync)
+                top, left = rng.randint(0, 2 * margin), rng.randint(0, 2 * margin)
+                x = x[..., top : top + side[0], left : left + side[1]]
             opt.zero_grad(set_to_none=True)
             xa = self._augment(x, rng)
-            if step < switch:
-                xa = F.interpolate(xa, size=(h // 2, w // 2), mode="area")
             if world > 1 or size < len(xa):
                 loss, bn = self._group_backward(x, xa, target, stats, amp, n, size)
             else:
@@ -530,7 +564,7 @@ class Synthesiser:
             opt.step()
             sched.step()
             with torch.no_grad():
-                mean.copy_(torch.max(torch.min(mean, self.high), self.low))
+                params[0].copy_(torch.max(torch.min(params[0], self.high), self.low))
                 history[step] = bn.detach()
                 finite &= torch.isfinite(loss)
             if step % 25 == 24 or step == cfg.iterations - 1:
@@ -540,6 +574,9 @@ class Synthesiser:
                 bar.set_postfix(batch=index, bn=f"{bn.item():.4f}")
             bar.update(1)
 
+        if side != (h, w):  # every step was a half-size one
+            full_size()
+            size = self._pass_size(i1 - i0, side, stats, amp)
         with torch.no_grad():
             x = sample().detach()[..., pad : pad + h, pad : pad + w]
             if cfg.smooth > 0:  # GPTQ and bias correction otherwise fit the pixel noise the BN loss leaves in
