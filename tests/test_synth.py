@@ -1,6 +1,8 @@
 import contextlib
 import copy
 import json
+import logging
+import shutil
 
 import pytest
 import timm
@@ -15,6 +17,7 @@ from brevitas_zeroshot.synth import (
     CalibrationSet,
     SynthesisConfig,
     Synthesiser,
+    _bn_cpu,
     find_bn_layers,
 )
 from brevitas_zeroshot.synth import _synthesiser as synthesiser_module
@@ -308,11 +311,25 @@ def test_low_pass_makes_smoother_images(r20):
     assert roughness(smooth.images) < 0.7 * roughness(sharp.images)
 
 
+@pytest.fixture(params=["cpu_kernels", "torch_ops"])
+def bn_kernels(request, monkeypatch):
+    """The BN statistics' compiled CPU kernels, then the torch ops they replace where they cannot be built."""
+    _bn_cpu.kernels.cache_clear()
+    if request.param == "torch_ops":
+        monkeypatch.setenv("BZQ_NO_CPU_KERNELS", "1")
+    elif shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: the kernels cannot be built (torch ops are used)")
+    else:
+        assert _bn_cpu.kernels() is not None, "a C++ compiler is here, but the kernels did not build"
+    yield request.param
+    _bn_cpu.kernels.cache_clear()
+
+
 @pytest.mark.parametrize("name", ["cifar_resnet20", "tf_efficientnet_lite0"])
 @pytest.mark.parametrize("kind", ["kl", "l2"])
-def test_fused_bn_statistics_match_a_plain_reference(name, kind):
-    """The fused BN forward and its hand-written backward give the model's outputs and the loss gradient that
-    plain torch ops (BN untouched, torch.var_mean in hooks) give."""
+def test_fused_bn_statistics_match_a_plain_reference(name, kind, bn_kernels):
+    """The fused BN forward and its hand-written backward (compiled kernels or torch ops) give the model's outputs
+    and the loss gradient that plain torch ops (BN untouched, torch.var_mean in hooks) give."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     for m in model.modules():
@@ -348,6 +365,25 @@ def test_fused_bn_statistics_match_a_plain_reference(name, kind):
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4)
+
+
+def test_bn_kernels_fall_back_to_torch_ops_where_they_cannot_be_built(r20, monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    _bn_cpu.kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert _bn_cpu.kernels() is None
+            model, cfg = r20
+            made = Synthesiser(model, cfg, **TINY).generate(show_progress=False)  # on torch ops
+        assert "kernels unavailable (Error building extension" in caplog.text
+        assert torch.isfinite(made.images).all()
+    finally:
+        _bn_cpu.kernels.cache_clear()
 
 
 def test_diverse_init_gives_varied_images_and_canvas_keeps_the_input_size(r20):

@@ -9,6 +9,7 @@ from torch import nn
 
 from .._utils import resolve_device
 from ..synth import Synthesiser
+from ..synth._bn_cpu import kernels
 
 __all__ = ["benchmark_synthesis"]
 
@@ -115,6 +116,7 @@ def benchmark_synthesis(
         "low_res": low_res,
         "low_res_step_s": low_step,
         "precision": calib.precision,
+        "bn_kernels": "compiled" if device.type == "cpu" and kernels() is not None else "torch",
         "iterations": iterations,
         # a whole set under the schedule, against the same number of plain full-size forward+backward passes
         "set_cost_vs_fwd_bwd": mean_step / fwd_bwd,
