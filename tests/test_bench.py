@@ -97,6 +97,13 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
     assert json.loads(stale.read_text())["quant_config"]["reconstruct_iters"] == 3
     assert all(p.stat().st_mtime_ns == stamps[p] for p in files[1:] if p != stale)
 
+    # A damaged cell (hand-edited, truncated) is refused in one line naming it, before any work, and left as it is.
+    stale.write_text(stale.read_text()[:40])
+    files[0].unlink()
+    with pytest.raises(BzqError, match=f"'{stale}' is not a record bzq can read"):
+        bench_quality(config, tmp_path)
+    assert not files[0].exists() and len(stale.read_text()) == 40
+
 
 @pytest.mark.parametrize("backend", ["pt2e", "brevitas"])
 def test_latency_bench_times_the_deployed_runtime_and_sizes(backend, tmp_path):

@@ -2,13 +2,12 @@ import contextlib
 import copy
 import json
 import logging
-import shutil
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import random_r20
+from conftest import have_cxx, random_r20
 from torch import nn
 
 from brevitas_zeroshot import BzqError, create_loader, load_model
@@ -317,7 +316,7 @@ def bn_kernels(request, monkeypatch):
     _bn_cpu.kernels.cache_clear()
     if request.param == "torch_ops":
         monkeypatch.setenv("BZQ_NO_CPU_KERNELS", "1")
-    elif shutil.which("c++") is None:
+    elif not have_cxx():
         pytest.skip("no C++ compiler on this machine: the kernels cannot be built (torch ops are used)")
     else:
         assert _bn_cpu.kernels() is not None, "a C++ compiler is here, but the kernels did not build"

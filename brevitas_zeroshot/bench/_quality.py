@@ -18,7 +18,7 @@ import yaml
 
 from .._errors import BzqError
 from .._evaluate import evaluate
-from .._files import write_atomic
+from .._files import read_own_record, write_atomic
 from .._utils import library_versions, machine, resolve_device
 from ..data import create_loader
 from ..models import load_model
@@ -110,6 +110,8 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
     settings = {spec: json.loads(json.dumps(_config_dict(c, {}))) for spec, c in schemes.items()}  # as cells read
     for source in config.sources:
         parse_spec(source)
+    for cell in sorted(out.glob("cells/**/*.json")):  # a damaged cell is refused before any work
+        _read_cell(cell)
     device = resolve_device(config.device)
     for task_name in config.tasks:
         task, checkpoint, calib_folder, eval_folder = resolve_task(task_name)
@@ -155,12 +157,20 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
     return collect(out, config)
 
 
+_CELL_KEYS = ("task", "scheme", "source", "seed", "top1")
+
+
 def _done(cell: Path, settings: dict) -> bool:
     """Whether ``cell`` holds a result for these settings: a cell made under other defaults (its spec now resolves
     differently) is redone; one written before cells recorded their settings is kept."""
-    if not cell.exists():
-        return False
-    return json.loads(cell.read_text()).get("quant_config", settings) == settings
+    record = _read_cell(cell)
+    return record is not None and record.get("quant_config", settings) == settings
+
+
+def _read_cell(path: Path) -> dict | None:
+    """A result cell (None if there is none); one that does not parse, or lacks a cell's keys, is refused in one
+    line naming it (it may be hand-edited: bzq neither overwrites nor ignores it)."""
+    return read_own_record(path, ("task", "top1") if path.name == "float.json" else _CELL_KEYS)
 
 
 def _loss_trace(calib: CalibrationSet) -> list[float] | None:
@@ -171,10 +181,8 @@ def _loss_trace(calib: CalibrationSet) -> list[float] | None:
 def collect(out: Path, config: QualityBenchConfig | None = None) -> dict:
     """Gather every cell under ``out`` into ``results.json`` and the Markdown table ``results.md``."""
     out = Path(out)
-    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/*/seed*.json"))]
-    floats = {
-        json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in (out / "cells").glob("*/float.json")
-    }
+    cells = [_read_cell(p) for p in sorted((out / "cells").glob("*/*/*/seed*.json"))]
+    floats = {c["task"]: c for c in map(_read_cell, (out / "cells").glob("*/float.json"))}
     results = {
         "date": date.today().isoformat(),
         "machine": machine(),
