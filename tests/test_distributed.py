@@ -28,6 +28,8 @@ def generate(weights, out, *extra, wait=True):
         "4",
         "--iterations",
         "25",
+        "--low-res",  # the half-size steps too (their images are upsampled per rank at the switch)
+        "0.4",
         *extra,
     ]
     if wait:
