@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import have_cxx, random_r20
 from torch import nn
+from torch.utils.cpp_extension import is_ninja_available
 
 from brevitas_zeroshot import BzqError, create_loader, load_model
 from brevitas_zeroshot.synth import (
@@ -316,10 +317,10 @@ def bn_kernels(request, monkeypatch):
     _bn_cpu.kernels.cache_clear()
     if request.param == "torch_ops":
         monkeypatch.setenv("BZQ_NO_CPU_KERNELS", "1")
-    elif not have_cxx():
-        pytest.skip("no C++ compiler on this machine: the kernels cannot be built (torch ops are used)")
+    elif not have_cxx() or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja on this machine: the kernels cannot be built (torch ops are used)")
     else:
-        assert _bn_cpu.kernels() is not None, "a C++ compiler is here, but the kernels did not build"
+        assert _bn_cpu.kernels() is not None, "a C++ compiler and ninja are here, but the kernels did not build"
     yield request.param
     _bn_cpu.kernels.cache_clear()
 
