@@ -136,5 +136,6 @@ def kernels():
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, a failed build: torch ops do the same work, slower
-        _logger.warning("fused BN statistics kernels unavailable (%s); using torch ops", str(e).splitlines()[0])
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        _logger.warning("fused BN statistics kernels unavailable (%s); using torch ops", why)
         return None
