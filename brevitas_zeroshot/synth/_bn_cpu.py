@@ -10,9 +10,10 @@ import functools
 import hashlib
 import logging
 import os
-from pathlib import Path
 
 import torch
+
+from .._utils import cpu_flags
 
 __all__ = ["kernels"]
 
@@ -106,16 +107,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
 @functools.cache
 def kernels():
     """The compiled kernels, or None (``BZQ_NO_CPU_KERNELS=1``, or no compiler). Built for this CPU's instruction set
@@ -123,7 +114,7 @@ def kernels():
     built for another CPU. The first build takes about a minute; later processes load it."""
     if os.environ.get("BZQ_NO_CPU_KERNELS") == "1":
         return None
-    digest = hashlib.sha1((_SOURCE + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+    digest = hashlib.sha1((_SOURCE + " ".join(sorted(cpu_flags())) + torch.__version__).encode()).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load_inline
 

@@ -168,6 +168,13 @@ def _gaussian_kernel(sigma: float, channels: int, device: torch.device, radius: 
     return (k[:, None] * k[None, :]).expand(channels, 1, -1, -1).contiguous()
 
 
+@torch.no_grad()
+def _upsampled(t: torch.Tensor, size: tuple[int, int], scale: float = 1.0) -> torch.Tensor:
+    """``t`` resized bilinearly to ``size`` and multiplied by ``scale``, channels-last (a new leaf)."""
+    t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return (t * scale).contiguous(memory_format=torch.channels_last)
+
+
 def balanced_labels(num_images: int, num_classes: int, seed: int, group: int = 1) -> torch.Tensor:
     """Target classes covering every class equally (up to one), in a seeded order; ``group`` images share one."""
     slots = -(-num_images // group)
@@ -522,23 +529,17 @@ class Synthesiser:
             (a full-size pixel's gradient is about a quarter of its half-size pixel's)."""
             nonlocal opt, blur, side, margin
             side, margin, blur = (h, w), pad, blur_kernel(1)
-            old, state = list(params), opt.state
-            with torch.no_grad():
-
-                def up(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-                    t = F.interpolate(t, size=(h + 2 * pad, w + 2 * pad), mode="bilinear", align_corners=False)
-                    return (t * scale).contiguous(memory_format=torch.channels_last)
-
-                params[:] = [up(p).requires_grad_() for p in old]
-                opt = torch.optim.Adam(params, lr=lr, fused=fused)
-                for p, q in zip(old, params, strict=True):
-                    if p in state:
-                        s = state[p]
-                        opt.state[q] = {
-                            "step": s["step"],
-                            "exp_avg": up(s["exp_avg"], 1 / 4),
-                            "exp_avg_sq": up(s["exp_avg_sq"], 1 / 16),
-                        }
+            old, state, size = list(params), opt.state, (h + 2 * pad, w + 2 * pad)
+            params[:] = [_upsampled(p, size).requires_grad_() for p in old]
+            opt = torch.optim.Adam(params, lr=lr, fused=fused)
+            for p, q in zip(old, params, strict=True):
+                if p in state:
+                    s = state[p]
+                    opt.state[q] = {
+                        "step": s["step"],
+                        "exp_avg": _upsampled(s["exp_avg"], size, 1 / 4),
+                        "exp_avg_sq": _upsampled(s["exp_avg_sq"], size, 1 / 16),
+                    }
 
         size = self._pass_size(i1 - i0, side, stats, amp)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(switch or cfg.iterations, 1))
