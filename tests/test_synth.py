@@ -367,6 +367,36 @@ def test_fused_bn_statistics_match_a_plain_reference(name, kind, bn_kernels):
     torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4)
 
 
+def test_fused_bn_statistics_take_bf16_activations(bn_kernels):
+    """Under bf16 autocast the BN layers see bf16 activations: the kernels take them too (float arithmetic), and
+    the moments and input gradient are those of a float reference on the same values."""
+    from brevitas_zeroshot.synth._bn import _fusable, _NormWithMoments
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 24, 9, 11) * 2 + 0.5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert (_fusable(x) is not None) == (bn_kernels == "cpu_kernels")
+    scale, shift = torch.rand(24) + 0.5, torch.randn(24)
+    gy, gm, gs = torch.randn(4, 24, 9, 11), torch.randn(24), torch.randn(24)
+
+    def outputs(x, ref: bool):
+        x = x.detach().requires_grad_()
+        if ref:
+            s = scale.to(torch.bfloat16).float().view(1, -1, 1, 1)
+            y, mean, sq = x * s + shift.view(1, -1, 1, 1), x.mean((0, 2, 3)), (x * x).mean((0, 2, 3))
+        else:
+            y, mean, sq = _NormWithMoments.apply(x, scale, shift)
+            assert y.dtype == torch.bfloat16 and mean.dtype == sq.dtype == torch.float32
+        loss = (y.float() * gy).sum() + (mean * gm).sum() + (sq * gs).sum()
+        return y.float(), mean, sq, torch.autograd.grad(loss, x)[0].float()
+
+    y, mean, sq, grad = outputs(x, ref=False)
+    y_ref, mean_ref, sq_ref, grad_ref = outputs(x.float(), ref=True)
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sq, sq_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=2e-2)  # y in bf16
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-2, atol=1e-2 * grad_ref.abs().max().item())
+
+
 def test_bn_kernels_fall_back_to_torch_ops_where_they_cannot_be_built(r20, monkeypatch, caplog):
     import torch.utils.cpp_extension
 
@@ -456,9 +486,15 @@ def test_low_res_steps_learn_half_size_images_then_full_size_with_the_learning_r
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
     try:
-        result = Synthesiser(model, cfg, num_images=8, batch_size=8, iterations=10, low_res=0.6).generate(
-            show_progress=False
-        )
+        result = Synthesiser(
+            model,
+            cfg,
+            num_images=8,
+            batch_size=8,
+            iterations=10,
+            low_res=0.6,
+            precision="fp32",  # no timing probe
+        ).generate(show_progress=False)
     finally:
         hook.remove()
     assert sizes[:6] == [(16, 16)] * 6 and sizes[6:10] == [(32, 32)] * 4  # then the final statistics pass
@@ -473,25 +509,59 @@ def test_low_res_steps_learn_half_size_images_then_full_size_with_the_learning_r
         SynthesisConfig(low_res=1.0)
 
 
-def test_bf16_is_used_only_where_the_cpu_has_it_and_it_measures_faster(r20, monkeypatch):
+def test_bf16_is_used_only_where_the_cpu_has_it_and_the_synthesis_step_measures_faster(r20, monkeypatch):
     from brevitas_zeroshot import _utils
 
     model, cfg = r20
     monkeypatch.setattr(_utils, "cpu_flags", lambda: frozenset({"avx2"}))  # no native bf16: fp32 without a probe
     plain = Synthesiser(model, cfg, "cpu", **TINY).generate(show_progress=False)
     assert plain.meta["precision"] == "fp32" and plain.meta["config"]["precision"] == "auto"
-    timings = []
-    real_counter = synthesiser_module.time.perf_counter
     monkeypatch.setattr(_utils, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    monkeypatch.setattr(synthesiser_module.time, "perf_counter", lambda: timings.append(1) or real_counter())
+    passes, state = [], {"t": 0.0, "bf16": False}
+    real_loss = BNStatistics.loss
+    hook = model.conv1.register_forward_hook(lambda m, a, out: state.__setitem__("bf16", out.dtype == torch.bfloat16))
+
+    def clock() -> float:  # a bf16 pass takes 2 ticks, an fp32 one 3: bf16 measures 1.5x faster
+        state["t"] += 2 if state["bf16"] else 3
+        return state["t"]
+
     probed = Synthesiser(model, cfg, "cpu", **TINY)
-    with probed._synthesis_mode():
-        assert probed.precision in ("fp32", "bf16")
-    assert len(timings) >= 12  # both precisions were timed, three passes each
+    with monkeypatch.context() as m:
+        # The probe times the synthesis step: the BN statistics are collected and their loss taken in each pass.
+        m.setattr(BNStatistics, "loss", lambda self, *a: passes.append(1) or real_loss(self, *a))
+        m.setattr(synthesiser_module.time, "perf_counter", clock)
+        try:
+            with probed._synthesis_mode():
+                pass
+        finally:
+            hook.remove()
+    assert len(passes) == 6  # three timed steps in each precision, at the one size of a CIFAR schedule
+    assert probed._precisions == {"full": "bf16", "half": "bf16"} and probed.precision == "bf16"
     forced = Synthesiser(model, cfg, "cpu", precision="bf16", **TINY).generate(show_progress=False)
     assert forced.meta["precision"] == "bf16" and torch.isfinite(forced.images).all()
     assert forced.meta["batches"][0]["bn_loss_final"] < forced.meta["batches"][0]["bn_loss_start"]
     assert (forced.images - plain.images).abs().mean() < 0.1  # bf16 rounding, not a different method
+
+
+def test_half_size_steps_take_their_own_precision(r20, monkeypatch):
+    """The probe decides each size of the schedule on its own (bf16 can win at full size and lose at half size)."""
+    model, cfg = r20
+    monkeypatch.setattr(Synthesiser, "_decide_precision", lambda self: {"full": "bf16", "half": "fp32"}, raising=True)
+    seen = []
+    hook = model.conv1.register_forward_hook(
+        lambda m, args, out: seen.append((args[0].shape[-1], out.dtype)) if len(args[0]) == 8 else None
+    )
+    try:
+        made = Synthesiser(model, cfg, "cpu", num_images=8, batch_size=8, iterations=10, low_res=0.6).generate(
+            show_progress=False
+        )
+    finally:
+        hook.remove()
+    assert seen[:6] == [(16, torch.float32)] * 6 and seen[6:10] == [(32, torch.bfloat16)] * 4
+    assert made.meta["precision"] == "bf16, fp32 at half size"
+
+
+def test_precision_is_checked():
     with pytest.raises(BzqError, match="precision"):
         SynthesisConfig(precision="fp16")
 

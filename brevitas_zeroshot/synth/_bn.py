@@ -72,8 +72,8 @@ class _Moments(torch.autograd.Function):
 
 class _NormWithMoments(torch.autograd.Function):
     """An eval-mode BatchNorm (``x * scale + shift`` per channel) that also returns the mean and mean square of
-    its input. Its backward is one fused pass on the CPU for fp32 channels-last activations (``_bn_cpu``), torch ops
-    otherwise (BN's own backward alone is slower than them on the CPU)."""
+    its input. Its backward is one fused pass on the CPU for fp32 or bf16 channels-last activations (``_bn_cpu``),
+    torch ops otherwise (BN's own backward alone is slower than them on the CPU)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
@@ -87,7 +87,7 @@ class _NormWithMoments(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor, grad_mean: torch.Tensor, grad_sq: torch.Tensor):
         x, scale = ctx.saved_tensors
         if ctx.fused:
-            grad_y = grad_y.float().contiguous(memory_format=torch.channels_last)  # copies only if it is not
+            grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)  # copies only if it is not
             grad = ctx.fused.norm_moments_backward(x, grad_y, scale.float().flatten(), grad_mean, grad_sq)
             return grad, None, None
         grad = _moments_grad(x, grad_mean, grad_sq)
@@ -95,8 +95,9 @@ class _NormWithMoments(torch.autograd.Function):
 
 
 def _fusable(x: torch.Tensor):
-    """The fused CPU kernels if they apply to ``x`` (fp32, 4-D channels-last, on the CPU, not empty), else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or not x.numel():
+    """The fused CPU kernels if they apply to ``x`` (fp32 or bf16, 4-D channels-last, on the CPU, not empty), else
+    None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4 or not x.numel():
         return None
     if not x.is_contiguous(memory_format=torch.channels_last):
         return None

@@ -126,7 +126,7 @@ class SynthesisConfig:
     # None: 0.8 for inputs of 128 px and more, 0 below (the BN statistics of a 16 px CIFAR input mean little).
     low_res: float | None = None
     # The model's forward in bf16 autocast (BN statistics and the loss stay fp32): "bf16", "fp32", or "auto": bf16 on
-    # CUDA; on a CPU with native bf16 (AVX512-BF16/AMX) if a timed probe finds it faster; else fp32. The precision
+    # CUDA; on a CPU with native bf16 (AVX512-BF16/AMX) if a timed synthesis step is faster; else fp32. The precision
     # used is recorded in the manifest.
     precision: str = "auto"
 
@@ -240,6 +240,7 @@ class Synthesiser:
         self.low, self.high = ((0 - mean) / std).to(self.device), ((1 - mean) / std).to(self.device)
         self.history: list[torch.Tensor] = []  # BN loss per iteration, one tensor per batch
         self.precision: str | None = None  # decided when synthesis starts (``auto`` may time a probe)
+        self._precisions: dict[str, str] = {}  # the same, for the full-size and the half-size steps
         self._graph_bytes: dict[tuple[int, int], float] = {}  # autograd memory per image, by input side
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -415,7 +416,10 @@ class Synthesiser:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         try:
-            self.precision = self.precision or self._decide_precision()
+            if self.precision is None:
+                self._precisions = self._decide_precision()
+                full, half = self._precisions["full"], self._precisions["half"]
+                self.precision = full if full == half else f"{full}, {half} at half size"
             yield
         finally:
             if channels_last:
@@ -424,41 +428,47 @@ class Synthesiser:
             for p, g in zip(model.parameters(), grads, strict=True):
                 p.requires_grad_(g)
 
-    def _autocast(self):
-        if self.precision == "bf16":
+    def _autocast(self, half_size: bool = False):
+        if self._precisions["half" if half_size else "full"] == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _decide_precision(self) -> str:
-        """``precision`` resolved: on a CPU, ``auto`` times a forward + backward in bf16 against fp32 (best of 3, on
-        up to 8 images) and takes bf16 only if it is at least 10 % faster on every process."""
+    def _decide_precision(self) -> dict[str, str]:
+        """``precision`` resolved for the full-size and the half-size steps. On a CPU, ``auto`` times the synthesis
+        step itself (forward with the BN statistics, BN loss, backward; best of 3 on up to 8 images) in bf16 and in
+        fp32 at each size, and takes bf16 where it is at least 10 % faster on every process. A bare forward + backward
+        misleads: on a Xeon with AMX it was 1.5x faster in bf16 at 224 px while the step was 1.6x slower (before the
+        BN kernels took bf16), and at 112 px bf16 is slower."""
         choice = self.config.precision
+        if choice == "auto" and self.device.type == "cuda":
+            choice = "bf16"
+        elif choice == "auto" and (self.device.type != "cpu" or not has_native_bf16()):
+            choice = "fp32"
         if choice != "auto":
-            return choice
-        if self.device.type == "cuda":
-            return "bf16"
-        if self.device.type != "cpu" or not has_native_bf16():
-            return "fp32"
+            return {"full": choice, "half": choice}
         c, h, w = self.data_config["input_size"]
-        x = torch.randn(min(self.config.batch_size, 8), c, h, w).contiguous(memory_format=torch.channels_last)
-        x.requires_grad_()
+        sides = {"full": (h, w), "half": (h // 2, w // 2)} if self.config.low_res else {"full": (h, w)}
 
-        def best_of_3(bf16: bool) -> float:
+        def best_of_3(side: tuple[int, int], bf16: bool) -> float:
+            x = torch.randn(min(self.config.batch_size, 8), c, *side).contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
             times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    out = self.model(x)
-                out.float().sum().backward()
-                times.append(time.perf_counter() - start)
+            with BNStatistics(self.model, self.config.bn_loss) as stats:
+                for _ in range(3):
+                    start = time.perf_counter()
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        self.model(x)
+                    stats.loss().backward()
+                    times.append(time.perf_counter() - start)
             return min(times)
 
-        fp32, bf16 = best_of_3(False), best_of_3(True)
-        faster = _all_true(torch.tensor(bf16 < 0.9 * fp32), _distributed()[1])
-        _logger.info(
-            "bf16 probe: %.3f s vs fp32 %.3f s per pass; synthesising in %s", bf16, fp32, "bf16" if faster else "fp32"
-        )
-        return "bf16" if faster else "fp32"
+        timed = {k: (best_of_3(side, False), best_of_3(side, True)) for k, side in sides.items()}
+        slower = torch.tensor([bf16 >= 0.9 * fp32 for fp32, bf16 in timed.values()]).int()  # bf16 not 10 % faster
+        slower = _summed(slower, _distributed()[1]).tolist()  # on how many processes
+        chosen = {k: "fp32" if n else "bf16" for k, n in zip(timed, slower, strict=True)}
+        for k, (fp32, bf16) in timed.items():
+            _logger.info("bf16 probe, %s-size step: %.3f s vs fp32 %.3f s; %s", k, bf16, fp32, chosen[k])
+        return {"half": chosen["full"], **chosen}
 
     def _synthesise_batch(
         self, index: int, labels: torch.Tensor, stats: BNStatistics, bar
@@ -505,7 +515,7 @@ class Synthesiser:
         opt = torch.optim.Adam(params, lr=lr, fused=fused)
         history = torch.zeros(cfg.iterations + 1, device=dev)
         finite = torch.ones((), dtype=torch.bool, device=dev)
-        amp = self._autocast()
+        amp = self._autocast(half_size=bool(switch))
 
         def blur_kernel(scale: int) -> torch.Tensor | None:
             return _gaussian_kernel(cfg.blur_sigma / scale, c, dev) if cfg.blur_sigma > 0 else None
@@ -527,8 +537,8 @@ class Synthesiser:
         def full_size() -> None:
             """The half-size parameters, and Adam's moments of them, upsampled to full size: the optimisation goes on
             (a full-size pixel's gradient is about a quarter of its half-size pixel's)."""
-            nonlocal opt, blur, side, margin
-            side, margin, blur = (h, w), pad, blur_kernel(1)
+            nonlocal opt, blur, side, margin, amp
+            side, margin, blur, amp = (h, w), pad, blur_kernel(1), self._autocast()
             old, state, size = list(params), opt.state, (h + 2 * pad, w + 2 * pad)
             params[:] = [_upsampled(p, size).requires_grad_() for p in old]
             opt = torch.optim.Adam(params, lr=lr, fused=fused)
