@@ -5,6 +5,7 @@ Talks to Brevitas's core API (``brevitas.graph``), not to the example scripts sh
 
 import contextlib
 import copy
+import functools
 import logging
 import operator
 import time
@@ -48,6 +49,7 @@ class BrevitasConfig:
     weight_symmetric: bool | None = None
     equalize_iters: int = 20
     gptq: bool | None = None  # None: on when w_bits < 8
+    gptq_act_order: bool = False  # GPTQ quantizes each layer's input channels in decreasing Hessian diagonal order
     gpfq: bool = False
     bias_correction: bool = True
     calib_batch_size: int = 32
@@ -446,14 +448,15 @@ def calibrate(qmodel: nn.Module, batches) -> None:
 
 
 @torch.no_grad()
-def optimise_weights(qmodel: nn.Module, batches, method: str = "gptq") -> float:
-    """GPTQ or GPFQ over the set (one pass per layer); returns the fraction of quantized weights it changed."""
+def optimise_weights(qmodel: nn.Module, batches, method: str = "gptq", act_order: bool = False) -> float:
+    """GPTQ or GPFQ over the set (one pass per layer); returns the fraction of quantized weights it changed.
+    ``act_order``: GPTQ takes the input channels with the largest Hessian diagonal (input energy) first."""
     from brevitas.graph.gpfq import gpfq_mode
     from brevitas.graph.gptq import gptq_mode
 
     batches = as_batches(batches)
     device = next(qmodel.parameters()).device
-    mode = gptq_mode if method == "gptq" else gpfq_mode
+    mode = functools.partial(gptq_mode, act_order=act_order) if method == "gptq" else gpfq_mode
     before = _weights(qmodel)
     with mode(qmodel, use_quant_activations=True, create_weight_orig=False) as opt:
         for _ in progress(range(opt.num_layers), desc=method.upper(), unit="layer"):
@@ -497,7 +500,8 @@ def quantize_brevitas(
     report["weight_grid"] = f"{'symmetric' if config.symmetric_weights else 'asymmetric'}, {config.weight_steps} steps"
     report["weights_changed_by_gptq"] = 0.0
     if config.use_gptq or config.gpfq:
-        report["weights_changed_by_gptq"] = optimise_weights(qmodel, batches, "gpfq" if config.gpfq else "gptq")
+        method = "gpfq" if config.gpfq else "gptq"
+        report["weights_changed_by_gptq"] = optimise_weights(qmodel, batches, method, config.gptq_act_order)
     if config.use_reconstruction:
         start = time.perf_counter()
         settings = ReconstructionConfig(
