@@ -19,7 +19,8 @@ def _value(x):
     return getattr(x, "value", x)
 
 
-def test_gptq_changes_weights_and_lowers_layer_error(resnet20):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_changes_weights_and_lowers_layer_error(resnet20, act_order, monkeypatch):
     model, cfg = resnet20
     calib = create_calibration_set("gaussian", model, cfg, num_images=64)
     loader = calib.loader(32)
@@ -28,7 +29,17 @@ def test_gptq_changes_weights_and_lowers_layer_error(resnet20):
     conv = qmodel.get_submodule("layer1.0.conv2")
     w_float = conv.weight.detach().clone()
     q_before = conv.quant_weight().value.detach().clone()  # round-to-nearest
-    changed = optimise_weights(qmodel, loader, "gptq")
+    order = []  # GPTQ's column order in each layer it updated
+    from brevitas.graph import gptq
+
+    real_update = gptq.GPTQ.single_layer_update
+
+    def recording_update(self, *a, **k):
+        order.append(self.act_order)
+        return real_update(self, *a, **k)
+
+    monkeypatch.setattr(gptq.GPTQ, "single_layer_update", recording_update)
+    changed = optimise_weights(qmodel, loader, "gptq", act_order=act_order)
     q_after = conv.quant_weight().value.detach()
     # The layer's inputs as GPTQ saw them: earlier layers already updated, activations quantized.
     inputs = []
@@ -42,6 +53,7 @@ def test_gptq_changes_weights_and_lowers_layer_error(resnet20):
     def error(w):
         return (F.conv2d(x, w - w_float, None, conv.stride, conv.padding)).norm()
 
+    assert order and set(order) == {act_order}
     assert changed > 0.01 and not torch.equal(q_before, q_after)
     assert error(q_after) < 0.95 * error(q_before), (error(q_after), error(q_before))
 
