@@ -85,6 +85,11 @@ def model_card(folder: str | Path, repo_id: str):
     return card
 
 
+def _gptq_ran(q: dict) -> bool:
+    """Whether the saved quantization config ran GPTQ (``gptq`` None: below 8-bit weights, unless GPFQ ran)."""
+    return bool(q.get("gptq") or (q.get("gptq") is None and q.get("w_bits", 8) < 8 and not q.get("gpfq")))
+
+
 def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> dict:
     q, calib = meta["quantization"], meta.get("calibration", {})
     source = calib.get("source") or "unknown"
@@ -105,7 +110,8 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         + (f", first/last layer {first_last}-bit" if q["backend"] == "brevitas" and first_last else "")
         + (f", depthwise convolutions {q['depthwise_bits']}-bit weights" if q.get("depthwise_bits") else "")
         + (", asymmetric weights (zero points)" if report.get("weight_grid", "").startswith("asym") else "")
-        + (", GPTQ" if q.get("gptq") or (q.get("gptq") is None and q.get("w_bits", 8) < 8) else "")
+        + (", GPTQ" if _gptq_ran(q) else "")
+        + (" (act_order)" if _gptq_ran(q) and q.get("gptq_act_order") else "")
         + (", block reconstruction" if "reconstruction" in report else "")
         + (", bias correction" if q.get("bias_correction") else "")
         + (", residual adds not quantized" if report.get("residual_adds_in_float") else "")

@@ -96,7 +96,13 @@ def test_model_card_metadata_parses_with_huggingface_hub(quantized_dir, tmp_path
     shutil.copytree(quantized_dir, low)
     meta = json.loads((low / "quant_config.json").read_text())
     meta["quantization"].update(
-        backend="brevitas", w_bits=4, a_bits=4, first_last_bits=8, depthwise_bits=8, bias_correction=True
+        backend="brevitas",
+        w_bits=4,
+        a_bits=4,
+        first_last_bits=8,
+        depthwise_bits=8,
+        bias_correction=True,
+        gptq_act_order=True,
     )
     meta["report"].update(
         reconstruction={"units": [], "seconds": 1.0}, residual_adds_in_float=9, weight_grid="asymmetric, mse steps"
@@ -104,7 +110,7 @@ def test_model_card_metadata_parses_with_huggingface_hub(quantized_dir, tmp_path
     (low / "quant_config.json").write_text(json.dumps(meta))
     assert (
         "brevitas, weights 4-bit, activations 4-bit, first/last layer 8-bit, depthwise convolutions 8-bit weights, "
-        "asymmetric weights (zero points), GPTQ, block reconstruction, "
+        "asymmetric weights (zero points), GPTQ (act_order), block reconstruction, "
         "bias correction, residual adds not quantized" in model_card(low, REPO).content
     )
 
