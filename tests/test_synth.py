@@ -191,7 +191,10 @@ def test_non_finite_loss_restarts_the_batch_then_gives_up(r20, monkeypatch):
         return loss * float("nan") if len(seen) <= 3 else loss  # only the first attempt goes bad
 
     monkeypatch.setattr(BNStatistics, "loss", flaky)
-    s = Synthesiser(model, cfg, num_images=8, batch_size=8, iterations=30).generate(show_progress=False)
+    # fp32: on a CPU with native bf16 the precision probe would take the first losses
+    s = Synthesiser(model, cfg, num_images=8, batch_size=8, iterations=30, precision="fp32").generate(
+        show_progress=False
+    )
     assert s.meta["restarts"] == 1 and torch.isfinite(s.images).all()
 
     monkeypatch.setattr(BNStatistics, "loss", lambda self: original(self) * float("nan"))
@@ -457,9 +460,9 @@ def test_micro_batches_give_the_whole_batch_statistics_gradient_and_set():
         assert torch.allclose(bn, whole.detach(), rtol=1e-5)
         assert torch.allclose(leaf.grad, whole_grad, rtol=1e-4, atol=1e-3 * whole_grad.abs().max().item())
     sets = [
-        Synthesiser(model, cfg, "cpu", num_images=8, batch_size=8, iterations=10, micro_batch=m).generate(
-            show_progress=False
-        )
+        Synthesiser(  # fp32: where the CPU has native bf16, "auto" decides each run by timing
+            model, cfg, "cpu", num_images=8, batch_size=8, iterations=10, micro_batch=m, precision="fp32"
+        ).generate(show_progress=False)
         for m in (0, 3)
     ]
     # Adam divides by the gradient's running RMS, so a pixel whose gradient is ~0 can take a different step from
