@@ -69,6 +69,14 @@ LowResOpt = Annotated[
         help="Fraction of the steps at half resolution (about 4x cheaper); default 0.8 from 128 px, else 0.",
     ),
 ]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 where the CPU has it natively and a timed step is faster; CUDA: bf16), fp32 or bf16. "
+        "auto decides on each run: pass fp32 or bf16 for a set that must be reproduced exactly.",
+    ),
+]
 
 
 def _synthesis(o: dict) -> dict:
@@ -84,6 +92,7 @@ def _synthesis(o: dict) -> dict:
         "blur_sigma": o["blur"],
         "micro_batch": o["micro_batch"],
         "low_res": o["low_res"],
+        "precision": o["precision"],
     }
 
 
@@ -224,6 +233,7 @@ def generate(
     blur: BlurOpt = _SYN.blur_sigma,
     micro_batch: MicroBatchOpt = _SYN.micro_batch,
     low_res: LowResOpt = _SYN.low_res,
+    precision: PrecisionOpt = _SYN.precision,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different set already in --out.")] = False,
     nproc: Annotated[
         int, typer.Option("--nproc", min=1, help="Processes on this machine (launches torchrun; batches split).")
@@ -296,6 +306,7 @@ def quantize(
     blur: BlurOpt = _SYN.blur_sigma,
     micro_batch: MicroBatchOpt = _SYN.micro_batch,
     low_res: LowResOpt = _SYN.low_res,
+    precision: PrecisionOpt = _SYN.precision,
     eval_data: Annotated[
         Path | None, typer.Option("--eval-data", help="Real labelled images to evaluate float and quantized models.")
     ] = None,
@@ -517,6 +528,7 @@ def bench_synthesis(
         bool, typer.Option("--peer", help="Also time Sony MCT's generator step on the same batch (bench extra).")
     ] = False,
     low_res: LowResOpt = _SYN.low_res,
+    precision: PrecisionOpt = _SYN.precision,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -530,7 +542,15 @@ def bench_synthesis(
         torch.set_num_threads(threads)
     net, data_config = load_model(model, checkpoint=checkpoint, pretrained=pretrained)
     result = benchmark_synthesis(
-        net, data_config, batch_size=batch_size, steps=steps, repeats=repeats, device=device, peer=peer, low_res=low_res
+        net,
+        data_config,
+        batch_size=batch_size,
+        steps=steps,
+        repeats=repeats,
+        device=device,
+        peer=peer,
+        low_res=low_res,
+        precision=precision,
     )
     _emit(result, as_json, f"synthesis benchmark for {model}")
 

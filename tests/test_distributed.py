@@ -30,6 +30,8 @@ def generate(weights, out, *extra, wait=True):
         "25",
         "--low-res",  # the half-size steps too (their images are upsampled per rank at the switch)
         "0.4",
+        "--precision",  # not auto: where the CPU has native bf16, each run would time bf16 and could choose it
+        "fp32",
         *extra,
     ]
     if wait:

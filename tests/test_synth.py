@@ -442,7 +442,7 @@ def test_micro_batches_give_the_whole_batch_statistics_gradient_and_set():
     from brevitas_zeroshot.synth._bn import BNStatistics
 
     model, cfg = random_r20()
-    synth = Synthesiser(model, cfg, "cpu", num_images=10, batch_size=10, iterations=0, micro_batch=3)
+    synth = Synthesiser(model, cfg, "cpu", num_images=10, batch_size=10, iterations=0, micro_batch=3, precision="fp32")
     x = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0)).contiguous(
         memory_format=torch.channels_last
     )
