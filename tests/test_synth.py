@@ -23,7 +23,8 @@ from brevitas_zeroshot.synth import (
 from brevitas_zeroshot.synth import _synthesiser as synthesiser_module
 from brevitas_zeroshot.synth._sources import create_calibration_set, list_sources, register_source
 
-TINY = dict(num_images=24, batch_size=8, iterations=6)
+# fp32: "auto" times bf16 on CPUs that have it natively and may choose differently run to run
+TINY = dict(num_images=24, batch_size=8, iterations=6, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -144,25 +145,26 @@ def test_refuses_other_sets_models_and_sizes(r20, tmp_path):
 
 def test_a_set_made_before_settings_were_added_is_still_the_same_set(r20, tmp_path, monkeypatch):
     model, cfg = r20
-    made = Synthesiser(model, cfg, seed=1, **TINY).generate(tmp_path / "s", show_progress=False)
-    Synthesiser(model, cfg, seed=1, low_res=0.5, **TINY).generate(tmp_path / "low", show_progress=False)
+    tiny = {**TINY, "precision": "auto"}  # the default, which a set made before the setting existed had
+    made = Synthesiser(model, cfg, seed=1, **tiny).generate(tmp_path / "s", show_progress=False)
+    Synthesiser(model, cfg, seed=1, low_res=0.5, **tiny).generate(tmp_path / "low", show_progress=False)
     path = tmp_path / "s" / "manifest.json"
     manifest = json.loads(path.read_text())
     for added in ("micro_batch", "low_res", "precision"):
         del manifest["config"][added]
     path.write_text(json.dumps(manifest))
     monkeypatch.setattr(Synthesiser, "_optimise", lambda *a, **k: pytest.fail("the set was made again"))
-    again = Synthesiser(model, cfg, seed=1, **TINY).generate(tmp_path / "s", show_progress=False)
+    again = Synthesiser(model, cfg, seed=1, **tiny).generate(tmp_path / "s", show_progress=False)
     assert torch.equal(again.images, made.images)
     with pytest.raises(BzqError, match="holds a different synthetic set"):  # a setting it did not have
-        Synthesiser(model, cfg, seed=1, low_res=0.5, **TINY).generate(tmp_path / "s", show_progress=False)
+        Synthesiser(model, cfg, seed=1, low_res=0.5, **tiny).generate(tmp_path / "s", show_progress=False)
     # A set whose half-size steps learned pooled full-size images (before they learned half-size ones) is another set.
     path = tmp_path / "low" / "manifest.json"
     manifest = json.loads(path.read_text())
     del manifest["low_res_revision"]
     path.write_text(json.dumps(manifest))
     with pytest.raises(BzqError, match="holds a different synthetic set"):
-        Synthesiser(model, cfg, seed=1, low_res=0.5, **TINY).generate(tmp_path / "low", show_progress=False)
+        Synthesiser(model, cfg, seed=1, low_res=0.5, **tiny).generate(tmp_path / "low", show_progress=False)
 
 
 def test_model_without_batchnorm_is_refused():
@@ -517,7 +519,7 @@ def test_bf16_is_used_only_where_the_cpu_has_it_and_the_synthesis_step_measures_
 
     model, cfg = r20
     monkeypatch.setattr(_utils, "cpu_flags", lambda: frozenset({"avx2"}))  # no native bf16: fp32 without a probe
-    plain = Synthesiser(model, cfg, "cpu", **TINY).generate(show_progress=False)
+    plain = Synthesiser(model, cfg, "cpu", **{**TINY, "precision": "auto"}).generate(show_progress=False)
     assert plain.meta["precision"] == "fp32" and plain.meta["config"]["precision"] == "auto"
     monkeypatch.setattr(_utils, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     passes, state = [], {"t": 0.0, "bf16": False}
@@ -528,7 +530,7 @@ def test_bf16_is_used_only_where_the_cpu_has_it_and_the_synthesis_step_measures_
         state["t"] += 2 if state["bf16"] else 3
         return state["t"]
 
-    probed = Synthesiser(model, cfg, "cpu", **TINY)
+    probed = Synthesiser(model, cfg, "cpu", **{**TINY, "precision": "auto"})
     with monkeypatch.context() as m:
         # The probe times the synthesis step: the BN statistics are collected and their loss taken in each pass.
         m.setattr(BNStatistics, "loss", lambda self, *a: passes.append(1) or real_loss(self, *a))
@@ -540,7 +542,7 @@ def test_bf16_is_used_only_where_the_cpu_has_it_and_the_synthesis_step_measures_
             hook.remove()
     assert len(passes) == 6  # three timed steps in each precision, at the one size of a CIFAR schedule
     assert probed._precisions == {"full": "bf16", "half": "bf16"} and probed.precision == "bf16"
-    forced = Synthesiser(model, cfg, "cpu", precision="bf16", **TINY).generate(show_progress=False)
+    forced = Synthesiser(model, cfg, "cpu", **{**TINY, "precision": "bf16"}).generate(show_progress=False)
     assert forced.meta["precision"] == "bf16" and torch.isfinite(forced.images).all()
     assert forced.meta["batches"][0]["bn_loss_final"] < forced.meta["batches"][0]["bn_loss_start"]
     assert (forced.images - plain.images).abs().mean() < 0.1  # bf16 rounding, not a different method
@@ -596,8 +598,10 @@ print(before / best())
 
 def test_a_batch_whose_graph_does_not_fit_in_memory_runs_in_passes_that_do(r20, monkeypatch, caplog):
     model, cfg = r20
-    whole = Synthesiser(model, cfg, "cpu", num_images=8, batch_size=8, iterations=4).generate(show_progress=False)
-    synth = Synthesiser(model, cfg, "cpu", num_images=8, batch_size=8, iterations=4)
+    whole = Synthesiser(model, cfg, "cpu", num_images=8, batch_size=8, iterations=4, precision="fp32").generate(
+        show_progress=False
+    )
+    synth = Synthesiser(model, cfg, "cpu", num_images=8, batch_size=8, iterations=4, precision="fp32")
     forwards = []
     hook = model.conv1.register_forward_pre_hook(lambda m, args: forwards.append(len(args[0])))
     monkeypatch.setattr(synthesiser_module, "free_memory", lambda device: 10**9)
