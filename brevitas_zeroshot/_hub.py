@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 from ._errors import BzqError
-from .quant._api import QUANT_CONFIG
+from .quant import BrevitasConfig
+from .quant._api import QUANT_CONFIG, config_from_dict
 from .synth._set import MANIFEST, PREVIEW
 
 __all__ = ["model_card", "push_to_hub", "stage_upload"]
@@ -86,8 +87,8 @@ def model_card(folder: str | Path, repo_id: str):
 
 
 def _gptq_ran(q: dict) -> bool:
-    """Whether the saved quantization config ran GPTQ (``gptq`` None: below 8-bit weights, unless GPFQ ran)."""
-    return bool(q.get("gptq") or (q.get("gptq") is None and q.get("w_bits", 8) < 8 and not q.get("gpfq")))
+    """Whether the saved quantization config ran GPTQ (the config's own rule for its defaults)."""
+    return q.get("backend") == "brevitas" and config_from_dict(BrevitasConfig, q).use_gptq
 
 
 def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> dict:

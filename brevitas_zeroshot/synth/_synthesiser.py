@@ -239,8 +239,7 @@ class Synthesiser:
         std = torch.tensor(self.data_config["std"], dtype=torch.float).view(1, c, 1, 1)
         self.low, self.high = ((0 - mean) / std).to(self.device), ((1 - mean) / std).to(self.device)
         self.history: list[torch.Tensor] = []  # BN loss per iteration, one tensor per batch
-        self.precision: str | None = None  # decided when synthesis starts (``auto`` may time a probe)
-        self._precisions: dict[str, str] = {}  # the same, for the full-size and the half-size steps
+        self._precisions: dict[str, str] = {}  # of the full-size and half-size steps, decided when synthesis starts
         self._graph_bytes: dict[tuple[int, int], float] = {}  # autograd memory per image, by input side
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -416,10 +415,7 @@ class Synthesiser:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         try:
-            if self.precision is None:
-                self._precisions = self._decide_precision()
-                full, half = self._precisions["full"], self._precisions["half"]
-                self.precision = full if full == half else f"{full}, {half} at half size"
+            self._precisions = self._precisions or self._decide_precision()
             yield
         finally:
             if channels_last:
@@ -427,6 +423,15 @@ class Synthesiser:
             model.to(device).train(was_training)
             for p, g in zip(model.parameters(), grads, strict=True):
                 p.requires_grad_(g)
+
+    @property
+    def precision(self) -> str | None:
+        """The precision used (``bf16``, ``fp32``, or e.g. ``bf16, fp32 at half size``); None until decided (``auto``
+        may time a probe when synthesis starts)."""
+        if not self._precisions:
+            return None
+        full, half = self._precisions["full"], self._precisions["half"]
+        return full if full == half else f"{full}, {half} at half size"
 
     def _autocast(self, half_size: bool = False):
         if self._precisions["half" if half_size else "full"] == "bf16":
