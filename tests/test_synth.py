@@ -114,6 +114,39 @@ def test_resume_after_interruption_loses_nothing(r20, tmp_path, monkeypatch):
     assert torch.equal(resumed.images, full.images) and torch.equal(resumed.labels, full.labels)
 
 
+def test_a_resumed_set_keeps_the_precision_it_was_started_in(r20, tmp_path, monkeypatch):
+    """``auto`` times a probe on every run and may decide otherwise when a set is resumed: the batches already made
+    say which precision the set was started in, and the rest follow it."""
+    model, cfg = r20
+    decided = []
+
+    def decide(choice):
+        def fake(self):
+            decided.append(choice)
+            return {"full": choice, "half": choice}
+
+        return fake
+
+    original = synthesiser_module.Synthesiser._synthesise_batch
+
+    def interrupted(self, index, *args):
+        if index == 2:
+            raise KeyboardInterrupt
+        return original(self, index, *args)
+
+    auto = {**TINY, "precision": "auto"}
+    monkeypatch.setattr(Synthesiser, "_decide_precision", decide("bf16"))
+    with monkeypatch.context() as m:
+        m.setattr(synthesiser_module.Synthesiser, "_synthesise_batch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            Synthesiser(model, cfg, "cpu", **auto).generate(tmp_path, show_progress=False)
+    monkeypatch.setattr(Synthesiser, "_decide_precision", decide("fp32"))  # the probe would now choose fp32
+    resumed = Synthesiser(model, cfg, "cpu", **auto).generate(tmp_path, show_progress=False)
+    assert decided == ["bf16"]  # not probed again
+    assert resumed.meta["precision"] == "bf16"
+    assert [b["precisions"] for b in resumed.meta["batches"]] == [{"full": "bf16", "half": "bf16"}] * 3
+
+
 def test_damaged_shard_is_reported_on_load_and_remade_on_resume(r20, tmp_path):
     model, cfg = r20
     first = Synthesiser(model, cfg, **TINY).generate(tmp_path, show_progress=False)

@@ -284,6 +284,8 @@ class Synthesiser:
                 return done
         labels = balanced_labels(cfg.num_images, self.num_classes, cfg.seed, cfg.draws)
         batches = self._batches()  # every process works on every batch, on its share of the images
+        if work is not None:  # a resumed set is finished in the precision it was started in (auto may now differ)
+            self._precisions = self._precisions or self._stored_precisions(work)
         images, summaries = [], []
         with self._synthesis_mode(), BNStatistics(self.model, cfg.bn_loss, cfg.first_bn_weight) as stats:
             bar = progress(
@@ -302,6 +304,7 @@ class Synthesiser:
                 start = time.perf_counter()
                 x, summary = self._synthesise_batch(b, labels[lo:hi], stats, bar)
                 summary["seconds"] = round(time.perf_counter() - start, 3)
+                summary["precisions"] = self._precisions
                 if path is not None:
                     if rank == 0:
                         write_shard(path, x, labels[lo:hi], summary)
@@ -325,6 +328,15 @@ class Synthesiser:
 
     def _batches(self) -> range:
         return range(-(-self.config.num_images // self.config.batch_size))
+
+    def _stored_precisions(self, work: Path) -> dict[str, str]:
+        """The per-size precisions recorded by the batches already made in ``work`` ({} if none recorded one)."""
+        for b in self._batches():
+            path = work / shard_name(b)
+            with contextlib.suppress(BzqError):
+                if path.exists() and "precisions" in (meta := read_shard_meta(path)):
+                    return meta["precisions"]
+        return {}
 
     def _open_folder(
         self, folder: Path, manifest: dict, overwrite: bool, write: bool = True
