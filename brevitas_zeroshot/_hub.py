@@ -86,9 +86,13 @@ def model_card(folder: str | Path, repo_id: str):
     return card
 
 
-def _gptq_ran(q: dict) -> bool:
-    """Whether the saved quantization config ran GPTQ (the config's own rule for its defaults)."""
-    return q.get("backend") == "brevitas" and config_from_dict(BrevitasConfig, q).use_gptq
+def _weight_solver(q: dict) -> str:
+    """The layer-wise rounding solver the saved quantization config ran (the config's own rule for its defaults)."""
+    if q.get("backend") != "brevitas" or not (solver := config_from_dict(BrevitasConfig, q).weight_solver):
+        return ""
+    return f", {solver.upper() if solver != 'qronos' else 'Qronos'}" + (
+        " (act_order)" if q.get("gptq_act_order") else ""
+    )
 
 
 def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> dict:
@@ -111,8 +115,7 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         + (f", first/last layer {first_last}-bit" if q["backend"] == "brevitas" and first_last else "")
         + (f", depthwise convolutions {q['depthwise_bits']}-bit weights" if q.get("depthwise_bits") else "")
         + (", asymmetric weights (zero points)" if report.get("weight_grid", "").startswith("asym") else "")
-        + (", GPTQ" if _gptq_ran(q) else "")
-        + (" (act_order)" if _gptq_ran(q) and q.get("gptq_act_order") else "")
+        + _weight_solver(q)
         + (", block reconstruction" if "reconstruction" in report else "")
         + (", bias correction" if q.get("bias_correction") else "")
         + (", residual adds not quantized" if report.get("residual_adds_in_float") else "")

@@ -317,7 +317,10 @@ def quantize(
     gptq: Annotated[
         bool | None, typer.Option("--gptq/--no-gptq", help="GPTQ on weights (default: on below 8 bits).")
     ] = None,
-    gpfq: Annotated[bool, typer.Option("--gpfq", help="GPFQ instead of GPTQ (brevitas).")] = False,
+    gpfq: Annotated[
+        bool,
+        typer.Option("--gpfq", help="GPFQ instead of GPTQ (brevitas); collapsed MobileNetV2 W4A8 (docs/method.md)."),
+    ] = False,
     bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction")] = True,
     graph: Annotated[str, typer.Option("--graph", help="brevitas: auto, fx or layerwise.")] = "auto",
     reconstruct: Annotated[

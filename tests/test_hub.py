@@ -113,6 +113,10 @@ def test_model_card_metadata_parses_with_huggingface_hub(quantized_dir, tmp_path
         "asymmetric weights (zero points), GPTQ (act_order), block reconstruction, "
         "bias correction, residual adds not quantized" in model_card(low, REPO).content
     )
+    meta["quantization"].update(qronos=True)  # another solver: the card names it, and GPTQ no more
+    (low / "quant_config.json").write_text(json.dumps(meta))
+    card = model_card(low, REPO).content
+    assert "(zero points), Qronos (act_order), block reconstruction" in card and "GPTQ" not in card
 
 
 def test_push_and_reload_through_a_local_hub(quantized_dir, tmp_path):

@@ -1,5 +1,7 @@
+import contextlib
 import copy
 import json
+import warnings
 
 import pytest
 import timm
@@ -56,6 +58,67 @@ def test_gptq_changes_weights_and_lowers_layer_error(resnet20, act_order, monkey
     assert order and set(order) == {act_order}
     assert changed > 0.01 and not torch.equal(q_before, q_after)
     assert error(q_after) < 0.95 * error(q_before), (error(q_after), error(q_before))
+
+
+def test_gpfq_and_qronos_correct_the_error_carried_from_earlier_layers_better_than_gptq(resnet20):
+    """GPTQ fits a layer to its quantized input; GPFQ and Qronos fit the quantized layer on its quantized input to the
+    float layer on its float input. Deep in a W4A4 network the latter error is the one that reaches the output."""
+    from brevitas.graph.calibrate import quantization_status_manager
+
+    model, cfg = resnet20
+    loader = create_calibration_set("gaussian", model, cfg, num_images=32).loader(32)
+    base, _ = build_quant_model(model, BrevitasConfig(w_bits=4, a_bits=4), (3, 32, 32))
+    calibrate(base, loader)
+    keys = set(base.state_dict())
+    name = "layer3.0.conv2"
+    w_float = base.get_submodule(name).weight.detach().clone()
+
+    def layer_input(qmodel, quantized):
+        inputs = []
+        handle = qmodel.get_submodule(name).register_forward_pre_hook(
+            lambda m, args: inputs.append(_value(args[0]).detach())
+        )
+        off = dict(disable_act_quant=True, disable_weight_quant=True, disable_bias_quant=True, is_training=False)
+        with torch.no_grad(), contextlib.nullcontext() if quantized else quantization_status_manager(qmodel, **off):
+            for x, _ in loader:
+                qmodel(x)
+        handle.remove()
+        return torch.cat(inputs)
+
+    conv = base.get_submodule(name)
+    target = F.conv2d(layer_input(base, False), w_float, None, conv.stride, conv.padding)
+    errors = {}
+    for method in ("gptq", "gpfq", "qronos"):
+        qmodel = copy.deepcopy(base)
+        optimise_weights(qmodel, loader, method, act_order=True)
+        conv = qmodel.get_submodule(name)
+        out = F.conv2d(layer_input(qmodel, True), conv.quant_weight().value, None, conv.stride, conv.padding)
+        errors[method] = (out - target).norm().item()
+        assert set(qmodel.state_dict()) == keys  # the float copies GPFQ and Qronos read are gone again
+    assert errors["gpfq"] < errors["gptq"] and errors["qronos"] < 0.9 * errors["gptq"], errors
+
+
+def test_qronos_solves_a_depthwise_layer_with_a_dead_input_channel():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[0].weight[0] = 0
+        net[0].bias[0] = -1  # channel 0 is dead after the ReLU: its depthwise group sees only zeros
+    config = BrevitasConfig(w_bits=4, a_bits=8, first_last_bits=None, qronos=True, equalize_iters=0)
+    qmodel, _ = build_quant_model(net, config, (3, 16, 16))
+    batches = [torch.randn(16, 3, 16, 16)]
+    calibrate(qmodel, batches)
+    depthwise = next(m for m in qmodel.modules() if getattr(m, "groups", 1) == 8)
+    before = depthwise.quant_weight().value.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Brevitas warns, and skips the layer, when its solve fails
+        warnings.filterwarnings("ignore", message=".*(deprecated|fast_hadamard).*")
+        optimise_weights(qmodel, batches, "qronos", act_order=True)
+    after = depthwise.quant_weight().value.detach()
+    assert not torch.equal(before[1:], after[1:])  # the live groups were solved
 
 
 FAMILIES = [

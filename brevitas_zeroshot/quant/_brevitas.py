@@ -53,6 +53,9 @@ class BrevitasConfig:
     # splits, 3 seeds: MobileNetV2 W4A8 70.40 -> 73.33, cifar_resnet20 W4A4 79.20 -> 79.80 (docs/method.md).
     gptq_act_order: bool = True
     gpfq: bool = False
+    # Qronos (Brevitas's GPFQ-family solver): each layer's rounding also corrects the error its quantized input
+    # carries from the layers before it (GPTQ fits the quantized input only).
+    qronos: bool = False
     bias_correction: bool = True
     calib_batch_size: int = 32
     graph: str = "auto"  # "fx" (graph mode, BN merged), "layerwise", or "auto" (fx, else layerwise)
@@ -80,8 +83,8 @@ class BrevitasConfig:
             raise BzqError("weight_granularity must be 'per_channel' or 'per_tensor'.")
         if self.graph not in ("auto", "fx", "layerwise"):
             raise BzqError("graph must be 'auto', 'fx' or 'layerwise'.")
-        if self.gptq and self.gpfq:
-            raise BzqError("choose GPTQ or GPFQ, not both.")
+        if sum(map(bool, (self.gptq, self.gpfq, self.qronos))) > 1:
+            raise BzqError("choose one of GPTQ, GPFQ and Qronos.")
         if self.act_range not in (None, "percentile", "mse"):
             raise BzqError(f"act_range must be 'percentile' or 'mse', not {self.act_range!r}.")
         if self.weight_range not in (None, "max", "mse"):
@@ -111,7 +114,12 @@ class BrevitasConfig:
 
     @property
     def use_gptq(self) -> bool:
-        return (self.w_bits < 8 and not self.gpfq) if self.gptq is None else self.gptq
+        return (self.w_bits < 8 and not self.gpfq and not self.qronos) if self.gptq is None else self.gptq
+
+    @property
+    def weight_solver(self) -> str | None:
+        """The layer-wise rounding solver that runs after calibration: "gptq", "gpfq", "qronos" or None."""
+        return "gpfq" if self.gpfq else "qronos" if self.qronos else "gptq" if self.use_gptq else None
 
     @property
     def use_reconstruction(self) -> bool:
@@ -450,21 +458,49 @@ def calibrate(qmodel: nn.Module, batches) -> None:
 
 
 @torch.no_grad()
-def optimise_weights(qmodel: nn.Module, batches, method: str = "gptq", act_order: bool = False) -> float:
-    """GPTQ or GPFQ over the set (one pass per layer); returns the fraction of quantized weights it changed.
-    ``act_order``: GPTQ takes the input channels with the largest Hessian diagonal (input energy) first."""
+def optimise_weights(qmodel: nn.Module, batches, method: str = "gptq", act_order: bool = True) -> float:
+    """GPTQ, GPFQ or Qronos over the set (one pass per layer); returns the fraction of quantized weights changed.
+
+    GPTQ fits each layer's weights to its quantized input; GPFQ and Qronos fit the quantized layer on its quantized
+    input to the float layer on its float input, so they also correct the error carried from earlier layers.
+    ``act_order`` (``BrevitasConfig.gptq_act_order``'s default): the input channels with the largest Hessian diagonal
+    (input energy) go first."""
     from brevitas.graph.gpfq import gpfq_mode
     from brevitas.graph.gptq import gptq_mode
+    from brevitas.graph.qronos import Qronos
 
+    class _Qronos(Qronos):
+        def single_layer_update(self, *args, **kwargs):
+            # A dead input channel (all zeros) makes a depthwise group's Hessian zero and Brevitas's Cholesky fails
+            # for the whole layer. Any weight serves a dead input; a unit diagonal there keeps the solve defined
+            # (its G row is zero, so the solver drives those weights to 0).
+            diag = self.H.diagonal(dim1=-2, dim2=-1)
+            diag[diag == 0] = diag[diag > 0].mean() if (diag > 0).any() else 1.0
+            return super().single_layer_update(*args, **kwargs)
+
+    modes = {
+        "gptq": gptq_mode,
+        "gpfq": gpfq_mode,
+        "qronos": functools.partial(gpfq_mode, algorithm_impl=_Qronos),
+    }
+    if method not in modes:
+        raise BzqError(f"unknown weight solver {method!r}: choose {', '.join(modes)}.")
     batches = as_batches(batches)
     device = next(qmodel.parameters()).device
-    mode = functools.partial(gptq_mode, act_order=act_order) if method == "gptq" else gpfq_mode
     before = _weights(qmodel)
-    with mode(qmodel, use_quant_activations=True, create_weight_orig=False) as opt:
+    # The GPFQ family reads the float input with every quantizer off: the float weights must stay beside the
+    # rounded ones (Brevitas's weight_orig), and go once the solver is done so the state dict is unchanged.
+    float_reference = method != "gptq"
+    with modes[method](
+        qmodel, use_quant_activations=True, create_weight_orig=float_reference, act_order=act_order
+    ) as opt:
         for _ in progress(range(opt.num_layers), desc=method.upper(), unit="layer"):
             for images in batches:
                 opt.model(images.to(device))
             opt.update()
+    for module in qmodel.modules():
+        if "weight_orig" in module._buffers:
+            del module._buffers["weight_orig"]
     after = _weights(qmodel)
     changed = sum((before[k] != after[k]).sum().item() for k in before)
     if changed == 0:
@@ -501,9 +537,10 @@ def quantize_brevitas(
     report["act_range"] = config.activation_range
     report["weight_grid"] = f"{'symmetric' if config.symmetric_weights else 'asymmetric'}, {config.weight_steps} steps"
     report["weights_changed_by_gptq"] = 0.0
-    if config.use_gptq or config.gpfq:
-        method = "gpfq" if config.gpfq else "gptq"
-        report["weights_changed_by_gptq"] = optimise_weights(qmodel, batches, method, config.gptq_act_order)
+    if config.weight_solver:
+        report["weights_changed_by_gptq"] = optimise_weights(
+            qmodel, batches, config.weight_solver, config.gptq_act_order
+        )
     if config.use_reconstruction:
         start = time.perf_counter()
         settings = ReconstructionConfig(
