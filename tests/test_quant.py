@@ -347,6 +347,28 @@ def test_depthwise_bits_apply_to_depthwise_convolutions_only(graph):
     assert sum(dw for dw, _ in bits.values()) == 17  # every inverted-residual block has one depthwise conv
 
 
+@pytest.mark.parametrize("graph", ["fx", "layerwise"])
+def test_depthwise_weight_range_searches_the_depthwise_steps_only(graph):
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
+    config = BrevitasConfig(w_bits=4, a_bits=8, depthwise_weight_range="mse", graph=graph)
+    qmodel, report = build_quant_model(model, config, (3, 64, 64))
+    assert report["graph"] == graph
+    ratios, errors = {True: [], False: []}, []  # step / (largest magnitude / 7), per channel
+    for n, m in qmodel.named_modules():
+        if isinstance(m, nn.Conv2d) and hasattr(m, "quant_weight") and n != "conv_stem":
+            w, q = m.weight.detach(), m.quant_weight()
+            at_max = w.abs().flatten(1).amax(1).view(-1, 1, 1, 1) / 7
+            ratios[m.groups > 1].append(q.scale.flatten() / at_max.flatten())
+            if m.groups > 1:  # the searched steps round with less error than the largest-magnitude ones
+                rounded_at_max = (w / at_max).round().clamp(-7, 7) * at_max
+                errors.append(((_value(q) - w).norm().item(), (rounded_at_max - w).norm().item()))
+    dw, other = torch.cat(ratios[True]), torch.cat(ratios[False])
+    assert len(ratios[True]) == 17 and torch.allclose(other, torch.ones_like(other), atol=1e-5)  # max steps kept
+    assert (dw < 0.999).float().mean() > 0.25 and dw.max() <= 1 + 1e-5  # searched: often tighter than max
+    assert all(searched <= at_max + 1e-6 for searched, at_max in errors)
+
+
 def test_asymmetric_weights_use_every_level_reload_and_export(tmp_path):
     model, cfg = random_r20()
     errors, levels = {}, {}
@@ -372,7 +394,15 @@ def test_asymmetric_weights_use_every_level_reload_and_export(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(a_bits=1), dict(w_bits=32), dict(graph="onnx"), dict(gptq=True, gpfq=True), dict(reconstruct_drop=1.0)],
+    [
+        dict(a_bits=1),
+        dict(w_bits=32),
+        dict(graph="onnx"),
+        dict(gptq=True, gpfq=True),
+        dict(reconstruct_drop=1.0),
+        dict(gpfq=True, qronos=True),
+        dict(depthwise_weight_range="min"),
+    ],
 )
 def test_impossible_brevitas_configs_are_refused(kwargs):
     with pytest.raises(BzqError):

@@ -47,6 +47,9 @@ class BrevitasConfig:
     # -> 52.6, docs/method.md); symmetric max otherwise (better at 3 and 4 bits).
     weight_range: str | None = None
     weight_symmetric: bool | None = None
+    # Weight steps of the depthwise convolutions alone ("max" or "mse"; None: as weight_range). GPTQ cannot spread
+    # a depthwise kernel's rounding error (9 weights per output channel), so a tighter step may serve them better.
+    depthwise_weight_range: str | None = None
     equalize_iters: int = 20
     gptq: bool | None = None  # None: on when w_bits < 8
     # GPTQ takes each layer's input channels in decreasing Hessian-diagonal order (Brevitas's act_order): tuning
@@ -87,8 +90,9 @@ class BrevitasConfig:
             raise BzqError("choose one of GPTQ, GPFQ and Qronos.")
         if self.act_range not in (None, "percentile", "mse"):
             raise BzqError(f"act_range must be 'percentile' or 'mse', not {self.act_range!r}.")
-        if self.weight_range not in (None, "max", "mse"):
-            raise BzqError(f"weight_range must be 'max' or 'mse', not {self.weight_range!r}.")
+        for name in ("weight_range", "depthwise_weight_range"):
+            if getattr(self, name) not in (None, "max", "mse"):
+                raise BzqError(f"{name} must be 'max' or 'mse', not {getattr(self, name)!r}.")
         if not 0 < self.act_percentile <= 100:
             raise BzqError("act_percentile must be in (0, 100].")
         if self.reconstruct_iters < 1 or self.reconstruct_batch < 1:
@@ -180,34 +184,35 @@ def _quantizers(config: BrevitasConfig):
     from brevitas.quant import (
         Int8ActPerTensorFloat,
         Int8WeightPerChannelFloat,
+        Int8WeightPerChannelFloatMSE,
         Int8WeightPerTensorFloat,
+        Int8WeightPerTensorFloatMSE,
         Int32Bias,
         ShiftedUint8WeightPerChannelFloat,
+        ShiftedUint8WeightPerChannelFloatMSE,
         ShiftedUint8WeightPerTensorFloat,
+        ShiftedUint8WeightPerTensorFloatMSE,
         Uint8ActPerTensorFloat,
     )
 
-    per_channel, mse = config.weight_granularity == "per_channel", config.weight_steps == "mse"
+    per_channel = config.weight_granularity == "per_channel"
     if config.symmetric_weights:
         base = Int8WeightPerChannelFloat if per_channel else Int8WeightPerTensorFloat
     else:  # integer zero point; "mse" searches the range and the zero point
         base = ShiftedUint8WeightPerChannelFloat if per_channel else ShiftedUint8WeightPerTensorFloat
-    if mse:  # the step that minimises each weight tensor's (or channel's) rounding error
-        from brevitas.quant import (
-            Int8WeightPerChannelFloatMSE,
-            Int8WeightPerTensorFloatMSE,
-            ShiftedUint8WeightPerChannelFloatMSE,
-            ShiftedUint8WeightPerTensorFloatMSE,
-        )
-
-        base = {
-            Int8WeightPerChannelFloat: Int8WeightPerChannelFloatMSE,
-            Int8WeightPerTensorFloat: Int8WeightPerTensorFloatMSE,
-            ShiftedUint8WeightPerChannelFloat: ShiftedUint8WeightPerChannelFloatMSE,
-            ShiftedUint8WeightPerTensorFloat: ShiftedUint8WeightPerTensorFloatMSE,
-        }[base]
+    searched = {  # the step that minimises each weight tensor's (or channel's) rounding error
+        Int8WeightPerChannelFloat: Int8WeightPerChannelFloatMSE,
+        Int8WeightPerTensorFloat: Int8WeightPerTensorFloatMSE,
+        ShiftedUint8WeightPerChannelFloat: ShiftedUint8WeightPerChannelFloatMSE,
+        ShiftedUint8WeightPerTensorFloat: ShiftedUint8WeightPerTensorFloatMSE,
+    }[base]
     # Parameter-from-stats scaling: with the default runtime-stats scale GPTQ silently changes nothing.
-    weight = base.let(scaling_impl=ParameterFromStatsFromParameterScaling)
+    steps = {
+        r: q.let(scaling_impl=ParameterFromStatsFromParameterScaling) for r, q in (("max", base), ("mse", searched))
+    }
+    weight, depthwise = steps[config.weight_steps], steps[config.depthwise_weight_range or config.weight_steps]
+    if depthwise is not weight:
+        weight = lambda module: depthwise if _depthwise(module) else steps[config.weight_steps]  # noqa: E731
     if (
         config.activation_range == "mse"
     ):  # the clipping range that minimises the quantization error on the calibration set
@@ -536,6 +541,8 @@ def quantize_brevitas(
     calibrate(qmodel, batches)
     report["act_range"] = config.activation_range
     report["weight_grid"] = f"{'symmetric' if config.symmetric_weights else 'asymmetric'}, {config.weight_steps} steps"
+    if config.depthwise_weight_range not in (None, config.weight_steps):
+        report["weight_grid"] += f" ({config.depthwise_weight_range} steps in depthwise convolutions)"
     report["weights_changed_by_gptq"] = 0.0
     if config.weight_solver:
         report["weights_changed_by_gptq"] = optimise_weights(
