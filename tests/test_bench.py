@@ -97,6 +97,15 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
     assert json.loads(stale.read_text())["quant_config"]["reconstruct_iters"] == 3
     assert all(p.stat().st_mtime_ns == stamps[p] for p in files[1:] if p != stale)
 
+    # A cell made before fields were added whose default keeps its behaviour (Qronos off, depthwise steps as the rest)
+    # is kept; one that lacks a field whose default changed what runs (GPTQ's order) is redone.
+    row = json.loads(stale.read_text())
+    for missing, kept in ((("qronos", "depthwise_weight_range"), True), (("gptq_act_order",), False)):
+        quant_config = {k: v for k, v in row["quant_config"].items() if k not in missing}
+        stale.write_text(json.dumps({**row, "quant_config": quant_config}))
+        bench_quality(config, tmp_path)
+        assert (missing[0] not in json.loads(stale.read_text())["quant_config"]) == kept, missing  # redone: complete
+
     # A damaged cell (hand-edited, truncated) is refused in one line naming it, before any work, and left as it is.
     stale.write_text(stale.read_text()[:40])
     files[0].unlink()

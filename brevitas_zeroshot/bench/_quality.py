@@ -24,7 +24,7 @@ from ..data import create_loader
 from ..models import load_model
 from ..quant import quantize
 from ..quant._api import _config_dict
-from ..quant._registry import create_quant_config
+from ..quant._registry import backend_for, create_quant_config
 from ..synth import CalibrationSet
 from ..synth._set import MANIFEST, read_manifest
 from ..synth._sources import create_calibration_set
@@ -108,6 +108,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
     out = Path(out)
     schemes = {spec: make_scheme(spec) for spec in config.schemes}  # bad specs fail before any work
     settings = {spec: json.loads(json.dumps(_config_dict(c, {}))) for spec, c in schemes.items()}  # as cells read
+    added = {spec: backend_for(c).added or {} for spec, c in schemes.items()}
     for source in config.sources:
         parse_spec(source)
     for cell in sorted(out.glob("cells/**/*.json")):  # a damaged cell is refused before any work
@@ -127,7 +128,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
         for seed in config.seeds:
             for source in config.sources:
                 cells = {s: task_dir / _slug(s) / _slug(source) / f"seed{seed}.json" for s in schemes}
-                cells = {s: c for s, c in cells.items() if not _done(c, settings[s])}
+                cells = {s: c for s, c in cells.items() if not _done(c, settings[s], added[s])}
                 if not cells:
                     continue
                 folder = out / "sets" / _slug(task_name) / _slug(source) / f"seed{seed}"
@@ -160,11 +161,12 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
 _CELL_KEYS = ("task", "scheme", "source", "seed", "top1")
 
 
-def _done(cell: Path, settings: dict) -> bool:
+def _done(cell: Path, settings: dict, added: dict) -> bool:
     """Whether ``cell`` holds a result for these settings: a cell made under other defaults (its spec now resolves
-    differently) is redone; one written before cells recorded their settings is kept."""
+    differently) is redone; one written before cells recorded their settings is kept, and so is one that lacks only
+    fields added since with the value it was made with (``added``: the backend's table)."""
     record = _read_cell(cell)
-    return record is not None and record.get("quant_config", settings) == settings
+    return record is not None and {**added, **record.get("quant_config", settings)} == settings
 
 
 def _read_cell(path: Path) -> dict | None:

@@ -606,7 +606,13 @@ def _export_onnx(qmodel: nn.Module, example: torch.Tensor, path: Path, report: d
 
 
 # Fields added since models were first saved, with the value a model saved without them was built with.
-_ADDED = {"quantize_residual_adds": True, "weight_symmetric": True}
+_ADDED = {
+    "quantize_residual_adds": True,
+    "weight_symmetric": True,
+    "gptq_act_order": False,
+    "qronos": False,
+    "depthwise_weight_range": None,
+}
 
 
 def _load(folder: Path, meta: dict) -> nn.Module:
@@ -625,4 +631,4 @@ def _load(folder: Path, meta: dict) -> nn.Module:
     return model
 
 
-register_backend(BrevitasConfig, "brevitas", quantize=quantize_brevitas, save=_save, load=_load)
+register_backend(BrevitasConfig, "brevitas", quantize=quantize_brevitas, save=_save, load=_load, added=_ADDED)

@@ -35,6 +35,9 @@ class Backend:
     save: Callable
     load: Callable
     lower: Callable | None = None
+    # Config fields added since models or results were first saved, with the value one saved without them was made
+    # with: a saved model reloads as it was built, a benchmark cell is not redone when only a no-op field appeared.
+    added: dict | None = None
 
 
 _BACKENDS: dict[type, Backend] = {}
@@ -48,9 +51,10 @@ def register_backend(
     save: Callable,
     load: Callable,
     lower: Callable | None = None,
+    added: dict | None = None,
 ) -> None:
     """Make ``quantize(model, calibration, config_type(...))`` use this backend."""
-    _BACKENDS[config_type] = Backend(name, config_type, quantize, save, load, lower)
+    _BACKENDS[config_type] = Backend(name, config_type, quantize, save, load, lower, added)
 
 
 def backend_for(config) -> Backend:
