@@ -90,9 +90,8 @@ def _weight_solver(q: dict) -> str:
     """The layer-wise rounding solver the saved quantization config ran (the config's own rule for its defaults)."""
     if q.get("backend") != "brevitas" or not (solver := config_from_dict(BrevitasConfig, q).weight_solver):
         return ""
-    return f", {solver.upper() if solver != 'qronos' else 'Qronos'}" + (
-        " (act_order)" if q.get("gptq_act_order") else ""
-    )
+    name = {"gptq": "GPTQ", "gpfq": "GPFQ", "qronos": "Qronos"}[solver]
+    return f", {name}" + (" (act_order)" if q.get("gptq_act_order") else "")
 
 
 def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> dict:

@@ -210,9 +210,8 @@ def _quantizers(config: BrevitasConfig):
     steps = {
         r: q.let(scaling_impl=ParameterFromStatsFromParameterScaling) for r, q in (("max", base), ("mse", searched))
     }
-    weight, depthwise = steps[config.weight_steps], steps[config.depthwise_weight_range or config.weight_steps]
-    if depthwise is not weight:
-        weight = lambda module: depthwise if _depthwise(module) else steps[config.weight_steps]  # noqa: E731
+    plain, depthwise = steps[config.weight_steps], steps[config.depthwise_weight_range or config.weight_steps]
+    weight = plain if depthwise is plain else (lambda module: depthwise if _depthwise(module) else plain)
     if (
         config.activation_range == "mse"
     ):  # the clipping range that minimises the quantization error on the calibration set
