@@ -337,7 +337,10 @@ def test_ctrl_c_in_quantize_says_what_it_kept(ckpt, tmp_path):
     args = ["quantize", "cifar_resnet20", "--checkpoint", ckpt, "--out", out, "--images", "16", "--batch-size", "8"]
     # Batches long enough that the signal lands in the second one's synthesis (1500 steps: >= 15 s on an idle
     # machine, against a 0.2 s poll), with a generous wait for the first on a busy one.
-    proc = subprocess.Popen([*BZQ, *map(str, args), "--iterations", "1500"], stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a suite started in the background inherits it ignored, and Python
+    # then installs no KeyboardInterrupt handler (as a shell's background job should not see ctrl-c).
+    proc = subprocess.Popen([*BZQ, *map(str, args), "--iterations", "1500"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 600
     while not list((out / ".bzq-partial").rglob("shard-00000.safetensors")) and time.time() < deadline:
         time.sleep(0.2)
