@@ -41,6 +41,11 @@ def test_task_splits_are_disjoint(shared):
     assert len(targets(calib)) == len(targets(held)) == 500 and not targets(calib) & targets(held)
     with pytest.raises(BzqError, match="unknown benchmark task"):
         resolve_task("imagenet_everything")
+    from brevitas_zeroshot.bench._tasks import BENCH_TASKS
+    from brevitas_zeroshot.models import PACKAGED_WEIGHTS
+
+    for model in PACKAGED_WEIGHTS:  # each offline ImageNet model has a held-out task and a tuning task
+        assert BENCH_TASKS[model].split == "class-mod-4" and BENCH_TASKS[f"{model}:tune"].model == model
 
 
 def test_quality_harness_end_to_end_and_resume(shared, tmp_path):

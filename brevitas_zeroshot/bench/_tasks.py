@@ -15,6 +15,7 @@ from pathlib import Path
 from .._errors import BzqError
 from ..data import ImageFolderDataset
 from ..data._folder import cache_dir
+from ..models import PACKAGED_WEIGHTS
 
 __all__ = ["BenchTask", "BENCH_TASKS", "register_task", "shared_benchmarks"]
 
@@ -58,7 +59,7 @@ for _depth in (20, 32):
             note="tuning split: real from the first 50 train-calib images per class, eval on the last 50",
         ),
     )
-for _model in ("tf_efficientnet_lite0", "mobilenetv2_100"):
+for _model in PACKAGED_WEIGHTS:  # the ImageNet models whose weights install offline
     register_task(
         _model,
         BenchTask(
