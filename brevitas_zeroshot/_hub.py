@@ -156,7 +156,12 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
 _WHAT = {  # what each file stores, said plainly on the card
     "model.safetensors": " (the Brevitas state: float32 weights and the quantizers' scales, for `load_quantized`)",
     "model.onnx": " (ONNX QCDQ: 8-bit integer weights, for onnxruntime and other ONNX runtimes)",
-    "model.pt2": " (the `torch.export` program with int8 weights; compile it with `torch.compile` for int8 kernels)",
+    "model.pt2": (
+        " (the `torch.export` program with int8 weights; for x86 int8 kernels `import "
+        "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer` (it registers the int8 lowering), set "
+        "`torch._inductor.config.freezing = True`, then `torch.compile` the loaded program and run it under "
+        "`torch.no_grad()`)"
+    ),
 }
 
 

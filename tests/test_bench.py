@@ -151,6 +151,9 @@ def test_latency_bench_times_the_deployed_runtime_and_sizes(backend, tmp_path):
         assert runtimes == ["pytorch eager"] and result["notes"][0].startswith("not compiled")
     else:
         assert runtimes == ["pytorch eager", deployed]
+    if backend == "pt2e" and have_cxx():  # in this fresh process every conv and linear layer is an int8 kernel
+        layers = sum(isinstance(m, torch.nn.Conv2d | torch.nn.Linear) for m in model.modules())
+        assert result["rows"][1]["int8_layers"] == layers
     assert all(row["float_ms"] > 0 and row["quantized_ms"] > 0 for row in result["rows"])
     sizes = result["sizes"]
     assert sizes["file"] == ("model.pt2" if backend == "pt2e" else "model.onnx")

@@ -65,16 +65,19 @@ def bench_latency(folder: str | Path, batch_size: int = 32, repeats: int = 10, t
     rows.append(_row("pytorch eager", eager["float"], eager["quantized"], batch_size))
     with tempfile.TemporaryDirectory(prefix="bzq-latency-") as tmp:
         if backend == "pt2e":
-            from ..quant._pt2e import compile_program, export_program
+            from ..quant._pt2e import compile_program, export_program, int8_layers
 
             float_file = Path(tmp) / "float.pt2"  # before compiling, which changes what an export would capture
             torch.export.save(export_program(float_model, x[:2].clone()), str(float_file))
             sizes = _sizes(float_file, folder / meta["files"]["program"])
             fast_float, float_runtime = compile_program(float_model, x)
+            lowered = int8_layers()
             fast_quant, quant_runtime = lower_quantized(qmodel, backend, x)
             if float_runtime == quant_runtime == "inductor":
                 compiled = _interleaved({"float": lambda: fast_float(x), "quantized": lambda: fast_quant(x)}, repeats)
-                rows.append(_row("inductor (torch.compile)", compiled["float"], compiled["quantized"], batch_size))
+                row = _row("inductor (torch.compile)", compiled["float"], compiled["quantized"], batch_size)
+                # conv/linear layers that became int8 kernels (the others run in float between (de)quantizers)
+                rows.append(row | {"int8_layers": int8_layers() - lowered})
             else:
                 notes.append(f"not compiled: float {float_runtime}; quantized {quant_runtime}")
         elif meta["files"].get("onnx"):
