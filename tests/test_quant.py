@@ -197,6 +197,17 @@ def test_brevitas_save_reload_is_bit_exact_and_onnx_matches_by_default(resnet20,
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) >= 2]
     assert len(weights) == 20  # every conv and the classifier, as 8-bit integers on disk
+    inits = {t.name: t for t in graph.initializer}
+    zero_points = [inits[n.input[2]].data_type for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and set(zero_points) == {onnx.TensorProto.UINT8}  # signed activations stored as uint8 + 128
+    if bits == 8:  # every conv becomes onnxruntime's integer kernel (an int8 activation left one in float)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+        ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+        assert ops.count("QLinearConv") == 19 and "Conv" not in ops, ops
 
 
 def test_onnx_parity_check_catches_a_wrong_export(resnet20, tmp_path):
