@@ -173,8 +173,14 @@ def _onnx_statement(meta: dict) -> str:
     if parity is None:
         return "\n`model.onnx` (ONNX QCDQ) was **not checked** against the quantized PyTorch model.\n"
     verdict = "matches" if parity.get("passed") else "**does not match**"
+    weights = {
+        "int8": "int8 weights: onnxruntime's fast u8 x s8 kernels, exact on x86 CPUs with VNNI; on x86 CPUs without "
+        "VNNI they saturate, so re-export for those with `--set onnx_int8_weights=false`",
+        "uint8": "uint8 weights with zero point 128: exact u8 x u8 kernels on every x86 CPU; on CPUs with VNNI "
+        "`--set onnx_int8_weights=true` exports faster int8 ones",
+    }.get(meta.get("report", {}).get("onnx_weights", "uint8"))
     return (
-        f"\n`model.onnx` (ONNX QCDQ, 8-bit integer weights) {verdict} the quantized PyTorch model in "
+        f"\n`model.onnx` (ONNX QCDQ; {weights}) {verdict} the quantized PyTorch model in "
         f"{parity.get('runtime', 'onnxruntime')} on {parity.get('images')} calibration images: predicted class "
         f"agreement {parity.get('agreement')} %, median / max |difference| {parity.get('median_abs_diff')} / "
         f"{parity.get('max_abs_diff')} logits (largest logit {parity.get('max_abs_logit')}; the PyTorch model's own "

@@ -11,6 +11,8 @@ import pytest
 import torch
 from hub_server import FakeHub
 
+from brevitas_zeroshot._utils import has_int8_dot_product
+
 TOKEN = "hf_bzqTestTokenThatMustNeverLeak"
 REPO = "alice/resnet10t-w8a8-zeroshot"
 
@@ -196,7 +198,10 @@ def test_push_refuses_an_onnx_file_that_failed_its_parity_check(tmp_path):
     args = ["push", str(out), "--repo-id", REPO, "--dry-run"]
     checked = _bzq(args, "http://127.0.0.1:9", tmp_path / "hf")
     assert checked.returncode == 0, checked.stderr
-    assert "`model.onnx` (ONNX QCDQ, 8-bit integer weights) matches" in (tmp_path / "q.hub" / "README.md").read_text()
+    card = (tmp_path / "q.hub" / "README.md").read_text()
+    stored = meta["report"]["onnx_weights"]  # int8 where this CPU has VNNI (the default), uint8 elsewhere
+    assert stored == ("int8" if has_int8_dot_product() else "uint8")
+    assert f"`model.onnx` (ONNX QCDQ; {stored} weights" in card and ") matches the quantized PyTorch model" in card
 
     meta["report"]["onnx_parity"].update(passed=False, agreement=40.0)  # as a failed check records it
     (out / "quant_config.json").write_text(json.dumps(meta))

@@ -11,6 +11,7 @@ from conftest import have_cxx, random_r20
 from torch import nn
 
 from brevitas_zeroshot import BzqError, create_loader, evaluate, load_model
+from brevitas_zeroshot._utils import has_int8_dot_product
 from brevitas_zeroshot.models import resolve_data_config
 from brevitas_zeroshot.quant import BrevitasConfig, PT2EConfig, load_quantized, quantize, save_quantized
 from brevitas_zeroshot.quant._brevitas import build_quant_model, calibrate, optimise_weights
@@ -195,7 +196,10 @@ def test_brevitas_save_reload_is_bit_exact_and_onnx_matches_by_default(resnet20,
     diff = (got - expected).abs()
     assert diff.median() <= 1e-4 * expected.abs().max() and (got.argmax(1) == expected.argmax(1)).sum() >= 15
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
-    weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) >= 2]
+    # int8 weights where this CPU has VNNI (exact there, and fast), uint8 + 128 elsewhere (exact u8 x u8 kernels)
+    stored = onnx.TensorProto.INT8 if has_int8_dot_product() else onnx.TensorProto.UINT8
+    assert report["onnx_weights"] == onnx.TensorProto.DataType.Name(stored).lower()
+    weights = [t for t in graph.initializer if t.data_type == stored and len(t.dims) >= 2]
     assert len(weights) == 20  # every conv and the classifier, as 8-bit integers on disk
     inits = {t.name: t for t in graph.initializer}
     zero_points = [inits[n.input[2]].data_type for n in graph.node if n.op_type == "QuantizeLinear"]
@@ -210,6 +214,30 @@ def test_brevitas_save_reload_is_bit_exact_and_onnx_matches_by_default(resnet20,
         assert ops.count("QLinearConv") == 19 and "Conv" not in ops, ops
 
 
+def test_onnx_weights_int8_or_uint8_are_the_same_model(resnet20, tmp_path):
+    import onnx
+
+    from brevitas_zeroshot.quant._onnx import export_qcdq, onnx_session
+
+    model, cfg = resnet20
+    calib = create_calibration_set("gaussian", model, cfg, num_images=8)
+    qmodel, _ = quantize(model, calib, BrevitasConfig(w_bits=8, a_bits=8))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    for int8 in (True, False):
+        path = tmp_path / f"int8={int8}.onnx"
+        export_qcdq(qmodel, x, path, int8_weights=int8)
+        graph = onnx.load(str(path)).graph
+        weights = [t.data_type for t in graph.initializer if len(t.dims) >= 2]
+        assert weights == [onnx.TensorProto.INT8 if int8 else onnx.TensorProto.UINT8] * 20
+        clipped = {n.output[0] for n in graph.node if n.op_type == "Clip"}  # an 8-bit weight's narrow-range clip
+        zero_points = [n.input[2] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in clipped]
+        assert len(set(zero_points)) == len(zero_points) == 20  # each weight its own: onnxruntime's x64 option needs it
+        outputs[int8] = onnx_session(path, threads=1).run(None, {"input": x.numpy()})[0]
+    if has_int8_dot_product():  # with VNNI the int8 weights' u8 x s8 kernels are exact too: the same logits
+        assert (outputs[True] == outputs[False]).all()
+
+
 def test_onnx_parity_check_catches_a_wrong_export(resnet20, tmp_path):
     import onnx
     from onnx import numpy_helper
@@ -218,7 +246,7 @@ def test_onnx_parity_check_catches_a_wrong_export(resnet20, tmp_path):
 
     model, cfg = resnet20
     calib = create_calibration_set("gaussian", model, cfg, num_images=16)
-    config = BrevitasConfig(w_bits=8, a_bits=8)
+    config = BrevitasConfig(w_bits=8, a_bits=8, onnx_int8_weights=False)  # 255 - w below flips a uint8 weight
     qmodel, report = quantize(model, calib, config)
     save_quantized(
         qmodel, tmp_path, model_name="cifar_resnet20", config=config, data_config=cfg, calib=calib, report=report

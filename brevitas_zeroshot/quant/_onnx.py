@@ -21,9 +21,10 @@ __all__ = ["export_qcdq", "onnx_parity", "onnx_session"]
 INPUT, OUTPUT = "input", "logits"
 
 
-def export_qcdq(qmodel: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Write ``qmodel`` (a CPU Brevitas model) to ``path`` as ONNX QCDQ with a dynamic batch, uint8 weights and
-    uint8 activations."""
+def export_qcdq(qmodel: nn.Module, example: torch.Tensor, path: Path, int8_weights: bool = False) -> None:
+    """Write ``qmodel`` (a CPU Brevitas model) to ``path`` as ONNX QCDQ with a dynamic batch and uint8 activations;
+    the weights uint8 + 128 (exact on every x86 CPU) or, with ``int8_weights``, int8 (onnxruntime's u8×s8 kernels:
+    exact and ~3× faster on CPUs with VNNI, saturating on x86 CPUs without it)."""
     import onnx
     from brevitas.export import export_onnx_qcdq
 
@@ -38,16 +39,17 @@ def export_qcdq(qmodel: nn.Module, example: torch.Tensor, path: Path) -> None:
         dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
     )
     proto = onnx.load(str(path))
-    _int8_as_uint8(proto.graph)
+    _int8_as_uint8(proto.graph, weights=not int8_weights)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 
 
-def _int8_as_uint8(graph) -> tuple[int, int]:
+def _int8_as_uint8(graph, weights: bool = True) -> tuple[int, int]:
     """Re-store every int8 weight (an initialiser, possibly clipped, then dequantized) as uint8 + 128, its clip bounds
-    and zero point with it, and every int8 activation (a QuantizeLinear of a computed tensor, possibly clipped, then
-    dequantized) with zero points and clip bounds + 128: the same values. Returns how many weight DequantizeLinear
-    and activation QuantizeLinear nodes were converted."""
+    and zero point with it (``weights``; else each weight keeps int8 values with a zero point of its own, as
+    onnxruntime's ``session.x64quantprecision`` option needs), and every int8 activation (a QuantizeLinear of a
+    computed tensor, possibly clipped, then dequantized) with zero points and clip bounds + 128: the same values.
+    Returns how many weight DequantizeLinear and activation QuantizeLinear nodes were converted."""
     import onnx
     from onnx import numpy_helper
 
@@ -73,22 +75,25 @@ def _int8_as_uint8(graph) -> tuple[int, int]:
 
     added: dict = {}  # new name -> tensor: an initialiser (or Clip) several nodes share is converted once
 
-    def shifted(name: str) -> str:
-        new = f"{name}_u8"
+    def shifted(name: str, by: int = 128) -> str:
+        new = f"{name}_u8" if by else f"{name}_own"
         if new not in added:
-            values = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
-            added[new] = numpy_helper.from_array(values.astype(np.uint8), new)
+            values = numpy_helper.to_array(inits[name]).astype(np.int16) + by
+            added[new] = numpy_helper.from_array(values.astype(np.uint8 if by else np.int8), new)
         return new
 
     for node, clip in targets:
+        zero_point = f"{node.name}_zero_point"  # each node its own: Brevitas shares them between layers
+        inits[zero_point] = inits[node.input[2]]
+        if not weights:
+            node.input[2] = shifted(zero_point, by=0)
+            continue
         if clip is None:
             node.input[0] = shifted(node.input[0])
         elif not clip.input[0].endswith("_u8"):
             names = [shifted(name) for name in clip.input]
             del clip.input[:]
             clip.input.extend(names)
-        zero_point = f"{node.name}_zero_point"  # each node its own: Brevitas shares them between layers
-        inits[zero_point] = inits[node.input[2]]
         node.input[2] = shifted(zero_point)
     activations = 0
     for quant in graph.node:
