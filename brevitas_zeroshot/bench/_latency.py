@@ -81,7 +81,7 @@ def bench_latency(folder: str | Path, batch_size: int = 32, repeats: int = 10, t
             else:
                 notes.append(f"not compiled: float {float_runtime}; quantized {quant_runtime}")
         elif meta["files"].get("onnx"):
-            from ..quant._onnx import INPUT, OUTPUT, onnx_session
+            from ..quant._onnx import INPUT, OUTPUT, integer_layers, onnx_session
 
             float_file = Path(tmp) / "float.onnx"
             torch.onnx.export(
@@ -95,11 +95,16 @@ def bench_latency(folder: str | Path, batch_size: int = 32, repeats: int = 10, t
                 dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
             )
             n = threads or torch.get_num_threads()
-            sessions = {"float": onnx_session(float_file, n), "quantized": onnx_session(folder / "model.onnx", n)}
+            optimised = Path(tmp) / "optimised.onnx"
+            sessions = {
+                "float": onnx_session(float_file, n),
+                "quantized": onnx_session(folder / "model.onnx", n, optimised=optimised),
+            }
             feed = {INPUT: x.numpy()}
             runs = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
             ort = _interleaved(runs, repeats)
-            rows.append(_row("onnxruntime (default optimisations)", ort["float"], ort["quantized"], batch_size))
+            row = _row("onnxruntime (default optimisations)", ort["float"], ort["quantized"], batch_size)
+            rows.append(row | integer_layers(optimised))
             sizes = _sizes(float_file, folder / "model.onnx")
         else:
             notes.append("no model.onnx in the folder (quantized with --no-onnx): only eager PyTorch is timed")

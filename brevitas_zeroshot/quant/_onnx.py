@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["export_qcdq", "onnx_parity", "onnx_session"]
+__all__ = ["export_qcdq", "integer_layers", "onnx_parity", "onnx_session"]
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -123,14 +123,27 @@ def _int8_as_uint8(graph, weights: bool = True) -> tuple[int, int]:
     return len(targets), activations
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session with its default optimisations (what a user gets), optionally ``threads``."""
+def onnx_session(path: str | Path, threads: int | None = None, optimised: str | Path | None = None):
+    """An onnxruntime CPU session with its default optimisations (what a user gets), optionally ``threads``; with
+    ``optimised``, the graph as onnxruntime optimised it is written there (see :func:`integer_layers`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if optimised:
+        options.optimized_model_filepath = str(optimised)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def integer_layers(optimised: str | Path) -> dict:
+    """How many convolution and linear layers of an optimised graph run as integer kernels, and how many in float
+    (between DequantizeLinear and QuantizeLinear nodes onnxruntime could not fuse)."""
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(optimised)).graph.node]
+    integer = sum(ops.count(op) for op in ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger"))
+    return {"int8_layers": integer, "float_layers": sum(ops.count(op) for op in ("Conv", "Gemm", "MatMul"))}
 
 
 @torch.no_grad()
