@@ -39,12 +39,12 @@ def export_qcdq(qmodel: nn.Module, example: torch.Tensor, path: Path, int8_weigh
         dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
     )
     proto = onnx.load(str(path))
-    _int8_as_uint8(proto.graph, weights=not int8_weights)
+    _unsigned_for_onnxruntime(proto.graph, weights=not int8_weights)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 
 
-def _int8_as_uint8(graph, weights: bool = True) -> tuple[int, int]:
+def _unsigned_for_onnxruntime(graph, weights: bool = True) -> tuple[int, int]:
     """Re-store every int8 weight (an initialiser, possibly clipped, then dequantized) as uint8 + 128, its clip bounds
     and zero point with it (``weights``; else each weight keeps int8 values with a zero point of its own, as
     onnxruntime's ``session.x64quantprecision`` option needs), and every int8 activation (a QuantizeLinear of a
