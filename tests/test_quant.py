@@ -730,6 +730,37 @@ def test_pt2e_compiled_program_agrees_with_eager_on_this_cpu(resnet20):
     assert (eager - fast).abs().median() <= 0.05 * eager.abs().max()
 
 
+def test_pt2e_quantizes_convolutions_the_x86_quantizer_does_not_recognise():
+    """timm's Conv2dSame (EfficientNet-Lite's stem and stride-2 depthwise layers) has a forward of its own, so
+    X86InductorQuantizer, which finds convolutions by their module type, left it float; Inductor must lower it."""
+    from timm.layers import Conv2dSame
+
+    from brevitas_zeroshot.quant import lower_quantized
+    from brevitas_zeroshot.quant._pt2e import int8_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2),
+        nn.ReLU6(),
+        Conv2dSame(8, 8, 3, stride=2, groups=8),
+        nn.Conv2d(8, 16, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+    x = torch.randn(16, 3, 32, 32)
+    qmodel, _ = quantize(model, x, PT2EConfig())
+    convs = [n for n in qmodel.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert len(convs) == 3
+    assert all(n.args[1].target is torch.ops.quantized_decomposed.dequantize_per_channel.default for n in convs)
+    assert all(n.args[0].target is torch.ops.quantized_decomposed.dequantize_per_tensor.default for n in convs)
+    if not have_cxx():
+        pytest.skip("no C++ compiler on PATH: Inductor cannot compile here (the annotation was checked)")
+    before = int8_layers()
+    _, runtime = lower_quantized(qmodel, "pt2e", x)
+    assert runtime == "inductor" and int8_layers() - before == 4  # the three convolutions and the linear layer
+
+
 def test_a_program_that_cannot_compile_runs_eagerly_and_says_why(monkeypatch, caplog):
     from brevitas_zeroshot.quant import lower_quantized
 

@@ -68,13 +68,38 @@ def default_quantizer(target: str = "x86", reduce_range: bool | None = None):
             raise BzqError("target 'xnnpack' needs ExecuTorch: pip install executorch.") from e
         return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
     )
 
     if reduce_range is None:
         reduce_range = not has_int8_dot_product()
-    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
+    return _x86_quantizer().set_global(get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
+
+
+def _x86_quantizer():
+    """X86InductorQuantizer that also quantizes the convolutions it does not recognise.
+
+    It finds convolutions by the module type that called them (``nn.Conv2d``, ``F.conv2d``), so a subclass with a
+    forward of its own stays float: timm's ``Conv2dSame`` (TF "same" padding: the stem and every stride-2
+    depthwise convolution of EfficientNet-Lite/B and MixNet). Every other ``aten.conv2d`` with a parameter weight is
+    annotated here as X86InductorQuantizer annotates a plain convolution."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import QUANT_ANNOTATION_KEY, X86InductorQuantizer
+
+    class _Quantizer(X86InductorQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            if self.global_config is None:
+                return model
+            for node in model.graph.nodes:
+                if (
+                    node.target is torch.ops.aten.conv2d.default
+                    and QUANT_ANNOTATION_KEY not in node.meta
+                    and node.args[1].op == "get_attr"
+                ):
+                    self._annotate_conv_node_helper(node, True, self.global_config)
+            return model
+
+    return _Quantizer()
 
 
 def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
