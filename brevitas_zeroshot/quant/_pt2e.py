@@ -57,7 +57,8 @@ class PT2EConfig:
 
 def default_quantizer(target: str = "x86", reduce_range: bool | None = None):
     """X86InductorQuantizer (static, per-channel weights; 7-bit activation range where ``reduce_range``, by default
-    on CPUs without VNNI), or ExecuTorch's XNNPACKQuantizer for ``xnnpack``."""
+    on CPUs without VNNI; also the convolutions it does not recognise), or ExecuTorch's XNNPACKQuantizer for
+    ``xnnpack``."""
     if target == "xnnpack":
         try:
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
