@@ -82,8 +82,8 @@ def _x86_quantizer():
 
     It finds convolutions by the module type that called them (``nn.Conv2d``, ``F.conv2d``), so a subclass with a
     forward of its own stays float: timm's ``Conv2dSame`` (TF "same" padding: the stem and every stride-2
-    depthwise convolution of EfficientNet-Lite/B and MixNet). Every other ``aten.conv2d`` with a parameter weight is
-    annotated here as X86InductorQuantizer annotates a plain convolution."""
+    depthwise convolution of the TF ports, ``tf_efficientnet*``, ``tf_mixnet*``). Every other ``aten.conv2d`` with
+    a parameter weight is annotated here as X86InductorQuantizer annotates a plain convolution."""
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     class X86InductorQuantizer(x86.X86InductorQuantizer):  # the name errors and reports show
