@@ -40,7 +40,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON ob
 
 # Synthesis options, declared once for `generate` and `quantize` (defaults: SynthesisConfig's).
 _SYN = SynthesisConfig()
-IterationsOpt = Annotated[int, typer.Option("--iterations", min=0, help="Synthesis steps per batch.")]
+IterationsOpt = Annotated[
+    int | None,
+    typer.Option("--iterations", min=0, help="Synthesis steps per batch (default: 100 from 128 px, else 200)."),
+]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images whose statistics are matched together.")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
 InitOpt = Annotated[str, typer.Option("--init", help="diverse (per-image colour/contrast/structure) or noise.")]

@@ -208,3 +208,5 @@ def test_synthesis_benchmark_times_the_half_and_full_size_steps_of_the_schedule(
     mixed = 0.8 * r["low_res_step_s"] + 0.2 * r["synthesis_step_s"]
     assert r["set_cost_vs_fwd_bwd"] == pytest.approx(mixed / r["forward_backward_s"])
     assert r["images_per_s"] == pytest.approx(8 / (mixed * r["iterations"]))
+    assert r["iterations"] == 100  # the default from 128 px
+    assert r["set_cost_vs_200_fwd_bwd"] == pytest.approx(mixed * 100 / (200 * r["forward_backward_s"]))

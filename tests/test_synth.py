@@ -539,10 +539,12 @@ def test_low_res_steps_learn_half_size_images_then_full_size_with_the_learning_r
     assert learned == [(16, 16)] * 6 + [(32, 32)] * 4  # the images themselves, not only what the model sees
     assert result.images.shape[-2:] == (32, 32)
     assert lrs[0] == lrs[6] == pytest.approx(0.1) and lrs[5] < 0.02 and lrs[9] < lrs[6]
-    # The default: half resolution for ImageNet-size inputs only, recorded resolved in the manifest.
-    assert Synthesiser(model, cfg, **TINY).manifest()["config"]["low_res"] == 0.0
+    # The defaults: half resolution and 100 iterations for ImageNet-size inputs only, recorded resolved.
+    small = {k: v for k, v in TINY.items() if k != "iterations"}
+    assert Synthesiser(model, cfg, **small).manifest()["config"].items() >= {"low_res": 0.0, "iterations": 200}.items()
     big = {**cfg, "input_size": (3, 128, 128)}
-    assert Synthesiser(model, big, **TINY).manifest()["config"]["low_res"] == 0.8
+    assert Synthesiser(model, big, **small).manifest()["config"].items() >= {"low_res": 0.8, "iterations": 100}.items()
+    assert Synthesiser(model, big, **TINY).manifest()["config"]["iterations"] == TINY["iterations"]
     with pytest.raises(BzqError, match="low_res"):
         SynthesisConfig(low_res=1.0)
 

@@ -120,6 +120,8 @@ def benchmark_synthesis(
         "iterations": iterations,
         # a whole set under the schedule, against the same number of plain full-size forward+backward passes
         "set_cost_vs_fwd_bwd": mean_step / fwd_bwd,
+        # ... and against 200 plain passes, a fixed yardstick whatever the number of iterations
+        "set_cost_vs_200_fwd_bwd": mean_step * iterations / (200 * fwd_bwd),
         "images_per_s": batch_size / (mean_step * iterations),
         "peak_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20)
         if device.type == "cuda"
