@@ -350,6 +350,33 @@ def _reloads_and_exports(qmodel, x, folder, **saved) -> None:
     assert torch.allclose(onnx, got[:1], atol=0.2 * got.abs().max().item()), (onnx, got[:1])
 
 
+def test_relu6_clips_with_quantization_off_so_the_quantizers_after_it_calibrate_on_clipped_values():
+    """Brevitas's 8-bit ReLU6 clipped only through its quantizer's 0..6 range, so calibration (quantization off)
+    saw unclipped values: the input quantizer of a Conv2dSame after it (EfficientNet-Lite's stride-2 depthwise
+    layers, behind a pad) got a step ~70x too wide and Lite1 W8A8 lost 20 pt."""
+    from brevitas.graph.calibrate import quantization_status_manager
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), Conv2dSame(8, 8, 3, stride=2, groups=8),
+        nn.BatchNorm2d(8), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].weight.mul_(30)  # pre-activations far past 6
+    x = torch.randn(16, 3, 32, 32)
+    assert model[:2](x).max() > 50
+    qmodel, report = quantize(model, x, BrevitasConfig(w_bits=8, a_bits=8, bias_correction=False))
+    assert report["graph"] == "fx"
+    pad_input = qmodel.get_submodule("_3_1_input_quant").act_quant  # the Conv2dSame's, behind its pad
+    top = float(pad_input.scale()) * (127 if pad_input.is_signed else 255)
+    assert top <= 6.5, top  # calibrated on clipped values (before: 79.8)
+    with quantization_status_manager(qmodel, disable_act_quant=True, disable_weight_quant=True,
+                                     disable_bias_quant=True, is_training=False):  # fmt: skip
+        relu6 = [m for m in qmodel.modules() if type(m).__name__ == "QuantReLU"]
+        assert len(relu6) == 2 and all(_value(m(x.new_full((2, 3), 100.0))).max() <= 6.0 for m in relu6)
+
+
 def test_relu6_below_8_bits_gets_a_calibrated_range_keeps_its_clip_and_exports(tmp_path):
     model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
     cfg = resolve_data_config(model)

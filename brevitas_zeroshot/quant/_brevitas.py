@@ -284,11 +284,14 @@ def build_quant_model(
             layer_map[cls] = (qcls, {**kwargs, "weight_quant": weight, "weight_bit_width": w_bits, "bias_quant": bias})
         act_map = {k: v for k, v in QUANT_ACT_MAP.items()}
         act_map[nn.ReLU] = (qnn.QuantReLU, {"act_quant": unsigned, "bit_width": ab, "return_quant_tensor": True})
-        # Brevitas's ReLU6 quantizer keeps a fixed 0..6 range (a 0.4 step at 4 bits, never calibrated): below 8 bits
-        # ReLU6 gets the calibrated quantizer, the clip at 6 kept in front of it (set after quantize, by name).
-        relu6 = [n for n, m in graph.named_modules() if isinstance(m, nn.ReLU6)] if ab < 8 else []
+        # Brevitas's ReLU6 is a ReLU whose quantizer's fixed 0..6 range does the clipping, so with quantization off
+        # (calibration, bias correction, reconstruction's float reference) nothing clipped at 6: a quantizer after
+        # it was calibrated on values up to 112 (EfficientNet-Lite1) and got a step ~70x too wide. Every ReLU6
+        # keeps its clip in front of the quantizer (set after quantize, by name). Below 8 bits it also gets the
+        # calibrated quantizer: Brevitas's 0..6 range is never calibrated, a 0.4 step at 4 bits.
+        relu6 = [n for n, m in graph.named_modules() if isinstance(m, nn.ReLU6)]
         act_map[nn.ReLU6] = (
-            act_map[nn.ReLU] if relu6 else (qnn.QuantReLU, {**QUANT_ACT_MAP[nn.ReLU6][1], "bit_width": ab})
+            act_map[nn.ReLU] if ab < 8 else (qnn.QuantReLU, {**QUANT_ACT_MAP[nn.ReLU6][1], "bit_width": ab})
         )
         identity_map = {
             "signed": (qnn.QuantIdentity, {"act_quant": signed, "bit_width": ab, "return_quant_tensor": True}),
@@ -305,7 +308,7 @@ def build_quant_model(
     if graph is not None:
         for name in relu6:
             qmodel.get_submodule(name).act_quant.fused_activation_quant_proxy.activation_impl = nn.ReLU6()
-        report["relu6_calibrated"] = len(relu6)
+        report["relu6_calibrated"] = len(relu6) if ab < 8 else 0
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
         if not config.residual_adds_quantized:
             _unquantize_residual_adds(qmodel, report)
