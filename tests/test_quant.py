@@ -589,6 +589,39 @@ def test_reconstruction_lowers_block_errors_reloads_and_exports(resnet20, graph,
     assert (onnx.argmax(1) == got[:8].argmax(1)).float().mean() >= 0.75
 
 
+def test_fisher_weights_follow_what_the_float_network_s_loss_is_sensitive_to():
+    from brevitas_zeroshot.quant._reconstruct import _fisher, _Unit
+
+    torch.manual_seed(0)
+    first, head = nn.Linear(4, 6), nn.Linear(6, 3)
+    with torch.no_grad():
+        head.weight[:, 0] = 0  # the first unit's output 0 cannot change the logits
+        head.weight[:, 1] *= 10  # output 1 changes them ten times as much as the others
+    units = [_Unit("first", first, first, [], set()), _Unit("head", head, head, [], set())]
+    images = [torch.randn(64, 4) for _ in range(4)]
+    weights = _fisher(units, images, seed=0)
+    assert [len(w) for w in weights] == [4, 4] and weights[0][0].shape == (64, 6) and weights[1][0].shape == (64, 3)
+    for unit_weights in weights:  # mean 1 per unit: the weighted error keeps the plain one's scale
+        assert torch.cat(unit_weights).mean().item() == pytest.approx(1.0, rel=1e-4)
+    w = torch.cat(weights[0]).mean(0)
+    assert w[0] == 0 and w[1] > 20 * w[2:].max()
+    assert torch.equal(torch.cat(_fisher(units, images, seed=0)[0]), torch.cat(weights[0]))  # seeded
+
+
+def test_reconstruction_with_fisher_weights_lowers_the_weighted_block_errors(resnet20):
+    model, cfg = resnet20
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    base = dict(w_bits=4, a_bits=4, gptq=False, bias_correction=False, reconstruct_iters=40)
+    _, report = quantize(model, calib, BrevitasConfig(**base, reconstruct_fisher=True))
+    units = report["reconstruction"]["units"]
+    assert report["reconstruction"]["error"] == "fisher" and len(units) == 11
+    assert all(u["mse_after"] <= u["mse_before"] for u in units)
+    assert sum(u["mse_after"] for u in units) < 0.95 * sum(u["mse_before"] for u in units), units
+    _, plain = quantize(model, calib, BrevitasConfig(**base))
+    assert plain["reconstruction"]["error"] == "mse"
+    assert [u["mse_before"] for u in units] != [u["mse_before"] for u in plain["reconstruction"]["units"]]
+
+
 def test_learned_weight_steps_move_and_reload(tmp_path):
     from brevitas_zeroshot.quant._reconstruct import _weight_steps
 

@@ -68,6 +68,7 @@ class BrevitasConfig:
     learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
     learn_weight_scales: bool = False  # reconstruction also learns the weights' per-channel steps (as Genie)
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
+    reconstruct_fisher: bool = False  # weigh each block's output error by the float network's Fisher (BRECQ)
     # Quantize the inputs of a residual add whose sum is requantized before any layer (ResNets: add -> ReLU).
     # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
     # None: False below 8-bit activations (+3.7 pt at W4A4 on the tuning split, docs/method.md), True otherwise.
@@ -564,6 +565,7 @@ def quantize_brevitas(
             learn_scales=config.learn_act_scales,
             weight_scale_lr=1e-4 if config.learn_weight_scales else 0.0,
             drop=config.reconstruct_drop,
+            fisher=config.reconstruct_fisher,
         )
         report["reconstruction"] = reconstruct(qmodel, batches, settings)
         report["reconstruction"]["seconds"] = round(time.perf_counter() - start, 2)

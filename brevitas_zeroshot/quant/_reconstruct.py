@@ -39,6 +39,9 @@ class ReconstructionConfig:
     learn_scales: bool = True
     weight_scale_lr: float = 0.0  # > 0: also learn the weights' per-channel steps (Genie's 1e-4)
     drop: float = 0.0  # QDrop: while learning, each activation keeps its float value with this probability
+    # BRECQ's diagonal Fisher: weigh each output element's squared error by the squared gradient of the float
+    # network's loss with respect to it (labels drawn from the float network's own softmax). Graph (block) mode only.
+    fisher: bool = False
     fused: bool = True  # learn through torch's fused fake-quant kernel (same gradients, fewer passes)
     seed: int = 0
 
@@ -311,8 +314,17 @@ def _learning(unit: nn.Module, drop: float = 0.0, fused: bool = True):
 # -- the loop -------------------------------------------------------------------------------------------------------
 
 
-def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: ReconstructionConfig, rng, bar) -> dict:
-    """Learn ``unit``'s roundings (and step sizes) so ``unit.q(inputs_q)`` matches ``targets``."""
+def _fit(
+    unit: _Unit,
+    inputs_q: list,
+    targets: list[torch.Tensor],
+    weights: list | None,
+    config: ReconstructionConfig,
+    rng,
+    bar,
+) -> dict:
+    """Learn ``unit``'s roundings (and step sizes) so ``unit.q(inputs_q)`` matches ``targets``, each element's squared
+    error weighted by ``weights`` where given."""
     saved = _insert_learned_round(unit.layers)
     rounding = _round_modules(unit.layers)
     groups = [{"params": [m.value for m in rounding], "lr": config.round_lr}]
@@ -330,7 +342,7 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
         p.requires_grad_(True)
     opt = torch.optim.Adam(groups)
     warmup, iters = int(0.2 * config.iterations), config.iterations
-    before = _error(unit, inputs_q, targets)
+    before = _error(unit, inputs_q, targets, weights)
     kept = [layer.weight for layer in unit.layers] + scales
     snapshot = [p.detach().clone() for p in kept]
     steps_before = {k: p.detach().clone() for k, p in steps.items()}
@@ -340,7 +352,8 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
     with _learning(unit.q, config.drop, config.fused):
         for step in range(iters):
             i = rng.randrange(len(inputs_q))
-            loss = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2).flatten(1).sum(1).mean()
+            error = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2)
+            loss = (error if weights is None else error * weights[i]).flatten(1).sum(1).mean()
             if step >= warmup and rounding:
                 beta = 20 - (20 - 2) * (step - warmup) / max(iters - warmup, 1)
                 h = torch.cat([m.learned_round_impl(m.value).flatten() for m in rounding])
@@ -353,7 +366,7 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
     _bake(saved)
     for p, g in zip(frozen, grads, strict=True):
         p.requires_grad_(g)
-    after = _error(unit, inputs_q, targets)
+    after = _error(unit, inputs_q, targets, weights)
     if after > before:  # never worse than round-to-nearest on the calibration images
         with torch.no_grad():
             for p, old in zip(kept, snapshot, strict=True):
@@ -366,12 +379,35 @@ def _fit(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], config: Recon
 
 
 @torch.no_grad()
-def _error(unit: _Unit, inputs_q: list, targets: list[torch.Tensor]) -> float:
+def _error(unit: _Unit, inputs_q: list, targets: list[torch.Tensor], weights: list | None = None) -> float:
+    """Mean squared error of ``unit.q`` against ``targets`` over the calibration images (weighted, if given)."""
     unit.q.eval()
+    weights = weights or [1.0] * len(targets)
     total = sum(
-        F.mse_loss(_value(unit.q(x)), t, reduction="sum").item() for x, t in zip(inputs_q, targets, strict=True)
+        ((_value(unit.q(x)) - t).pow(2) * w).sum().item() for x, t, w in zip(inputs_q, targets, weights, strict=True)
     )
     return total / sum(t.numel() for t in targets)
+
+
+def _fisher(units: list[_Unit], images: list[torch.Tensor], seed: int) -> list[list[torch.Tensor]]:
+    """Per unit and batch, the squared gradient of the float network's cross-entropy with respect to the unit's
+    float output, for labels drawn from the network's own softmax (the diagonal Fisher of BRECQ, without labels);
+    scaled to mean 1 per unit, so the weighted error stays on the scale of the plain one."""
+    gen = torch.Generator().manual_seed(seed)
+    squares = [[] for _ in units]
+    for x in images:
+        outputs, h = [], x.detach().requires_grad_()
+        for unit in units:
+            h = _value(unit.f(h))
+            outputs.append(h)
+        labels = torch.multinomial(h.detach().float().softmax(-1).cpu(), 1, generator=gen).squeeze(1).to(h.device)
+        grads = torch.autograd.grad(F.cross_entropy(h, labels, reduction="sum"), outputs)
+        for square, g in zip(squares, grads, strict=True):
+            square.append(g.detach().pow(2))
+    for square in squares:
+        mean = sum(g.sum() for g in square) / sum(g.numel() for g in square)
+        square[:] = [g / mean.clamp_min(1e-30) for g in square]
+    return squares
 
 
 def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None = None) -> dict:
@@ -392,15 +428,17 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
         images = [x.to(device, memory_format=torch.channels_last) for x in _rebatch(batches, config.batch_size)]
         xq, xf = images, images
         rng = random.Random(config.seed)
+        fisher = _fisher(units, images, config.seed) if config.fisher and chained else [None] * len(units)
         report = {"mode": "blocks" if chained else "layers", "iterations": config.iterations,
-                  "batch_size": config.batch_size, "units": []}  # fmt: skip
+                  "batch_size": config.batch_size, "error": "fisher" if fisher[0] is not None else "mse",
+                  "units": []}  # fmt: skip
         bar = progress(total=len(units) * config.iterations, desc="reconstruction", unit="it")
-        for unit in units:
+        for unit, weights in zip(units, fisher, strict=True):
             if not chained:
                 xq, xf = _inputs(qmodel, unit.q, images), _inputs(fmodel, unit.f, images)
             with torch.no_grad():
                 targets = [_value(unit.f(x)).detach() for x in xf]
-            report["units"].append(_fit(unit, xq, targets, config, rng, bar))
+            report["units"].append(_fit(unit, xq, targets, weights, config, rng, bar))
             if chained:
                 with torch.no_grad():
                     xq = [unit.q(x) for x in xq]
