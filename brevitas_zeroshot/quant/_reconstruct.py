@@ -428,6 +428,8 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
         images = [x.to(device, memory_format=torch.channels_last) for x in _rebatch(batches, config.batch_size)]
         xq, xf = images, images
         rng = random.Random(config.seed)
+        if config.fisher and not chained:
+            _logger.warning("Fisher-weighted reconstruction needs graph (block) mode; layerwise units use plain MSE")
         fisher = _fisher(units, images, config.seed) if config.fisher and chained else [None] * len(units)
         report = {"mode": "blocks" if chained else "layers", "iterations": config.iterations,
                   "batch_size": config.batch_size, "error": "fisher" if fisher[0] is not None else "mse",

@@ -97,7 +97,7 @@ class SynthesisConfig:
     num_images: int = 256
     batch_size: int = 128  # statistics are matched over each batch: larger batches give more varied images
     # Optimisation steps per batch. None: 100 for inputs of 128 px and more (with the half-size schedule; level with
-    # 200 on the tuning splits of MobileNetV2 and EfficientNet-Lite0 at half the cost, docs/method.md), 200 below.
+    # 200 on the tuning splits of MobileNetV2 and EfficientNet-Lite0 at half the cost, docs/results.md), 200 below.
     iterations: int | None = None
     lr: float = 0.1
     bn_loss: str = "kl"  # "kl" (GZNQ: Gaussian KL per channel) or "l2" (ZeroQ/DeepInversion square loss)
@@ -235,10 +235,11 @@ class Synthesiser:
             )
         self.num_classes = int(self.data_config.get("num_classes") or getattr(model, "num_classes", 0) or 0)
         c, h, w = self.data_config["input_size"]
+        large = min(h, w) >= 128  # ImageNet-size inputs: the half-size schedule, and fewer steps under it
         if self.config.low_res is None:
-            self.config.low_res = 0.8 if min(h, w) >= 128 else 0.0
+            self.config.low_res = 0.8 if large else 0.0
         if self.config.iterations is None:
-            self.config.iterations = 100 if min(h, w) >= 128 else 200
+            self.config.iterations = 100 if large else 200
         mean = torch.tensor(self.data_config["mean"], dtype=torch.float).view(1, c, 1, 1)
         std = torch.tensor(self.data_config["std"], dtype=torch.float).view(1, c, 1, 1)
         self.low, self.high = ((0 - mean) / std).to(self.device), ((1 - mean) / std).to(self.device)
