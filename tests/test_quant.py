@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import itertools
 import json
 import warnings
 
@@ -902,3 +903,16 @@ def test_a_model_the_pt2e_quantizer_cannot_annotate_gets_one_clear_error():
     calib = create_calibration_set("gaussian", model, {**cfg, "input_size": (3, 32, 32)}, num_images=2)
     with pytest.raises(BzqError, match=r"X86InductorQuantizer cannot annotate HighResolutionNet.*--backend brevitas"):
         quantize(model, calib, PT2EConfig())
+
+
+def test_brevitas_preparation_keeps_every_tensor_on_the_model_device():
+    """The BatchNorm and Conv2dSame replacements that make a timm model traceable were built on the CPU: on a CUDA
+    model FX tracing then failed and Brevitas fell back to layerwise mode. The meta device stands in for CUDA."""
+    from timm.layers import BatchNormAct2d, Conv2dSame
+
+    from brevitas_zeroshot.quant._brevitas import prepare_for_brevitas
+
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), BatchNormAct2d(8), nn.Conv2d(8, 4, 1)).eval().to("meta")
+    prepared = prepare_for_brevitas(model, (3, 32, 32))
+    assert not any(isinstance(m, (BatchNormAct2d, Conv2dSame)) for m in prepared.modules())
+    assert {t.device.type for t in itertools.chain(prepared.parameters(), prepared.buffers())} == {"meta"}

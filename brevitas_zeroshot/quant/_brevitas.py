@@ -6,6 +6,7 @@ Talks to Brevitas's core API (``brevitas.graph``), not to the example scripts sh
 import contextlib
 import copy
 import functools
+import itertools
 import logging
 import operator
 import time
@@ -161,8 +162,10 @@ def prepare_for_brevitas(model: nn.Module, input_size: tuple[int, int, int]) -> 
             h.remove()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
+            # Replacements are made on the child's device (a CPU BatchNorm in a CUDA model failed FX tracing).
+            device = next(itertools.chain(child.parameters(), child.buffers()), torch.empty(0)).device
             if isinstance(child, BatchNormAct2d):
-                bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine)
+                bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, device=device)
                 bn.load_state_dict(child.state_dict())
                 # An nn.Identity between BN and activation would make Brevitas requantize the pre-activation.
                 parts = [bn.eval(), child.drop, child.act]
@@ -178,9 +181,10 @@ def prepare_for_brevitas(model: nn.Module, input_size: tuple[int, int, int]) -> 
                     child.dilation,
                     child.groups,
                     child.bias is not None,
+                    device=device,
                 )
                 conv.load_state_dict(child.state_dict())
-                setattr(parent, name, nn.Sequential(nn.ZeroPad2d(pads), conv.to(child.weight.device)))
+                setattr(parent, name, nn.Sequential(nn.ZeroPad2d(pads), conv))
     return model
 
 
