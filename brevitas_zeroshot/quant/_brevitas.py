@@ -317,9 +317,11 @@ def build_quant_model(
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
         if not config.residual_adds_quantized:
             _unquantize_residual_adds(qmodel, report)
+        device = next(float_model.parameters()).device
+        qmodel.to(device)  # the quantizers Brevitas and we insert are made on the CPU
         try:
             with torch.no_grad():
-                qmodel.eval()(torch.zeros(2, *input_size, device=next(qmodel.parameters()).device))
+                qmodel.eval()(torch.zeros(2, *input_size, device=device))
             report["graph"] = "fx"
         except Exception as e:  # an op Brevitas's quant tensors do not support (e.g. .mean in squeeze-excite)
             _fx_failed(config, float_model, "run", e, report)
