@@ -294,7 +294,7 @@ def build_quant_model(
         # it was calibrated on values up to 112 (EfficientNet-Lite1) and got a step ~70x too wide. Every ReLU6
         # keeps its clip in front of the quantizer (set after quantize, by name), and gets the calibrated quantizer:
         # Brevitas's 0..6 range is never calibrated (a 0.4 step at 4 bits; at 8 bits MobileNetV2's ReLU6 outputs,
-        # mostly under 2, got 20-85 of the 256 levels).
+        # mostly under 2, got 24-94 of the 256 levels).
         relu6 = [n for n, m in graph.named_modules() if isinstance(m, nn.ReLU6)]
         act_map[nn.ReLU6] = act_map[nn.ReLU]
         identity_map = {
