@@ -6,7 +6,6 @@ Talks to Brevitas's core API (``brevitas.graph``), not to the example scripts sh
 import contextlib
 import copy
 import functools
-import itertools
 import logging
 import operator
 import time
@@ -149,6 +148,7 @@ def prepare_for_brevitas(model: nn.Module, input_size: tuple[int, int, int]) -> 
     from timm.layers.padding import pad_same_arg
 
     model = copy.deepcopy(model).eval()
+    device = next(model.parameters()).device  # replacements built on the CPU failed FX tracing of a CUDA model
     same_inputs: dict[int, tuple[int, int]] = {}
     hooks = [
         m.register_forward_pre_hook(lambda mod, args: same_inputs.__setitem__(id(mod), tuple(args[0].shape[-2:])))
@@ -157,13 +157,11 @@ def prepare_for_brevitas(model: nn.Module, input_size: tuple[int, int, int]) -> 
     ]
     if hooks:
         with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+            model(torch.zeros(1, *input_size, device=device))
         for h in hooks:
             h.remove()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            # Replacements are made on the child's device (a CPU BatchNorm in a CUDA model failed FX tracing).
-            device = next(itertools.chain(child.parameters(), child.buffers()), torch.empty(0)).device
             if isinstance(child, BatchNormAct2d):
                 bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, device=device)
                 bn.load_state_dict(child.state_dict())
