@@ -76,13 +76,47 @@ def keep_freed_memory() -> bool:
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes the process could still allocate on ``device`` (CUDA: free device memory; CPU on Linux: MemAvailable);
-    None where unknown."""
+    """Bytes the process could still allocate on ``device``: what the system has free (CUDA: free device memory; CPU
+    on Linux: MemAvailable) plus what the process's own allocator holds unused (CUDA's cache; glibc's free heap, which
+    ``keep_freed_memory`` stops returning). None where unknown."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return (
+            torch.cuda.mem_get_info(device)[0]
+            + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device)
+        )
     with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
-        return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+        return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024 + _free_heap()
     return None
+
+
+def _free_heap() -> int:
+    """Free bytes in glibc's main heap (``mallinfo2``, glibc 2.33+); 0 elsewhere."""
+    import ctypes
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in [
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            ]
+        ]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
 
 
 def machine() -> dict:
