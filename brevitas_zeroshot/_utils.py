@@ -94,29 +94,15 @@ def _free_heap() -> int:
     """Free bytes in glibc's main heap (``mallinfo2``, glibc 2.33+); 0 elsewhere."""
     import ctypes
 
-    class _MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in [
-                "arena",
-                "ordblks",
-                "smblks",
-                "hblks",
-                "hblkhd",
-                "usmblks",
-                "fsmblks",
-                "uordblks",
-                "fordblks",
-                "keepcost",
-            ]
-        ]
+    class _MallInfo2(ctypes.Structure):  # struct mallinfo2: ten size_t, the 9th is fordblks (free bytes)
+        _fields_ = [(f"f{i}", ctypes.c_size_t) for i in range(10)]
 
     try:
         mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
         return 0
     mallinfo2.restype = _MallInfo2
-    return int(mallinfo2().fordblks)
+    return int(mallinfo2().f8)
 
 
 def machine() -> dict:
