@@ -246,8 +246,8 @@ def _edge_layers(model: nn.Module, float_model: nn.Module) -> tuple[str | None, 
 def build_quant_model(
     float_model: nn.Module, config: BrevitasConfig, input_size: tuple[int, int, int]
 ) -> tuple[nn.Module, dict]:
-    """The quantized (not yet calibrated) model and a report of how it was built. Deterministic: reloading a
-    saved model calls this again and loads the state dict."""
+    """The quantized (not yet calibrated) model, on the float model's device, and a report of how it was built.
+    Deterministic: reloading a saved model calls this again and loads the state dict."""
     import brevitas.nn as qnn
     from brevitas.graph.quantize import (
         COMPUTE_LAYER_MAP,
@@ -262,6 +262,7 @@ def build_quant_model(
     wb, ab = config.w_bits, config.a_bits
     hb = config.first_last_bits or None
     report = {"graph": None, "notes": []}
+    device = next(float_model.parameters()).device
     model = prepare_for_brevitas(float_model, input_size)
     first, last = _edge_layers(model, float_model)
     edge = {id(model.get_submodule(n)) for n in (first, last) if n is not None} if hb else set()
@@ -314,7 +315,6 @@ def build_quant_model(
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
         if not config.residual_adds_quantized:
             _unquantize_residual_adds(qmodel, report)
-        device = next(float_model.parameters()).device
         qmodel.to(device)  # the quantizers Brevitas and we insert are made on the CPU
         try:
             with torch.no_grad():
@@ -345,7 +345,7 @@ def build_quant_model(
         report["graph"] = "layerwise"
         report["notes"].append("layerwise mode: BatchNorm stays in float, activations quantized at layer inputs")
     report["float_layers"] = _float_layers(qmodel)
-    return qmodel.eval(), report
+    return qmodel.to(device).eval(), report
 
 
 def _fx_failed(config: BrevitasConfig, model: nn.Module, step: str, e: Exception, report: dict) -> None:
@@ -547,7 +547,6 @@ def quantize_brevitas(
     config = config or BrevitasConfig()
     batches = as_batches(calibration, config.calib_batch_size)
     qmodel, report = build_quant_model(float_model, config, batches.input_size)
-    qmodel.to(next(float_model.parameters()).device)
     calibrate(qmodel, batches)
     report["act_range"] = config.activation_range
     int8_weights = has_int8_dot_product() if config.onnx_int8_weights is None else config.onnx_int8_weights
