@@ -633,7 +633,7 @@ print(before / best())
 
 def test_memory_the_process_keeps_counts_as_free():
     """With freed memory kept, a later pass size must count the process's own free heap: otherwise each phase sees
-    the last one's peak as used (256 MobileNetV2 images ran in passes of 80 and 61 instead of 128: 478 s, not 353)."""
+    the last one's peak as used (256 MobileNetV2 images ran in passes of 80 and 61 instead of 128: 478 s, not 323)."""
     import platform
     import subprocess
     import sys
