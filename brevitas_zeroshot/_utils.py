@@ -55,6 +55,19 @@ def has_native_bf16() -> bool:
 
 
 @functools.cache
+def _glibc():
+    """glibc (``ctypes``), or None where the C library is another one."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@functools.cache
 def keep_freed_memory() -> bool:
     """Keep memory the process frees for its next allocations (glibc only; once per process; True if set).
 
@@ -63,16 +76,9 @@ def keep_freed_memory() -> bool:
     ~85 % of a memory-bound op (a 77 MB multiply: 79 ms, 8.5 ms without) and a third of a whole synthesis step. The
     cost: the process keeps its peak memory until it exits.
     """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc and libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -94,14 +100,13 @@ def _free_heap() -> int:
     """Free bytes in glibc's main heap (``mallinfo2``, glibc 2.33+); 0 elsewhere."""
     import ctypes
 
-    class _MallInfo2(ctypes.Structure):  # struct mallinfo2: ten size_t, the 9th is fordblks (free bytes)
+    class MallInfo2(ctypes.Structure):  # struct mallinfo2: ten size_t, the 9th is fordblks (free bytes)
         _fields_ = [(f"f{i}", ctypes.c_size_t) for i in range(10)]
 
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    mallinfo2 = getattr(_glibc(), "mallinfo2", None)
+    if mallinfo2 is None:
         return 0
-    mallinfo2.restype = _MallInfo2
+    mallinfo2.restype = MallInfo2
     return int(mallinfo2().f8)
 
 

@@ -665,8 +665,9 @@ def test_a_batch_whose_graph_does_not_fit_in_memory_runs_in_passes_that_do(r20, 
     try:
         with synth._synthesis_mode(), BNStatistics(model) as stats:
             per_image = synth._pass_size(8, (32, 32), stats, contextlib.nullcontext()) and synth._graph_bytes[(32, 32)]
-        # 80 % of the free memory holds 3 images' graphs: passes of 3.
-        monkeypatch.setattr(synthesiser_module, "free_memory", lambda device: int(3.5 * per_image / 0.8))
+        # The share of the free memory a graph may take holds 3 images' graphs: passes of 3.
+        free = int(3.5 * per_image / synthesiser_module._GRAPH_SHARE)
+        monkeypatch.setattr(synthesiser_module, "free_memory", lambda device: free)
         forwards.clear()
         with caplog.at_level("INFO"):
             split = synth.generate(show_progress=False)

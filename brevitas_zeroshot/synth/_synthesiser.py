@@ -85,6 +85,7 @@ _logger = logging.getLogger(__name__)
 # Settings added after sets were first written, with the value that reproduces those sets: an older set with
 # otherwise equal settings is the same set (it resumes and is reused).
 _ADDED = {"micro_batch": 0, "low_res": 0.0, "precision": "auto"}
+_GRAPH_SHARE = 0.8  # of the free memory, the most one pass's graph may take (see _pass_size)
 # Revision of what the half-size steps learn (1: full-size images, average-pooled; 2: half-size images, upsampled at
 # the switch). A set made with ``low_res`` under another revision is another set; without ``low_res`` all agree.
 _LOW_RES_REVISION = 2
@@ -651,7 +652,7 @@ class Synthesiser:
                 self.model(probe)
             stats.moments()  # the probe's, discarded
             self._graph_bytes[side] = 1.5 * sum(saved) / 2
-        fits = int(0.8 * free / self._graph_bytes[side])
+        fits = int(_GRAPH_SHARE * free / self._graph_bytes[side])
         if fits < images:
             _logger.info("%d images at %dx%d do not fit in memory at once: passes of %d", images, *side, max(fits, 1))
         return max(1, min(images, fits))
