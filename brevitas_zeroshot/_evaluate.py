@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import progress, resolve_device
+from ._utils import progress, releases_memory, resolve_device
 
 __all__ = ["evaluate"]
 
 
+@releases_memory
 @torch.no_grad()  # not inference mode: an Inductor-compiled PT2E program fails under it
 def evaluate(
     model: nn.Module,

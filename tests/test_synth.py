@@ -653,6 +653,40 @@ print(_free_heap() - before)
     assert kept > 0.9 * 2**28, kept
 
 
+def test_a_finished_phase_gives_the_memory_it_kept_back():
+    """Kept memory that is fragmented (a live block above the freed one) is never trimmed by glibc itself: each
+    phase (synthesis, quantization, evaluation) returns it when it ends, or a bench process grows cell by cell."""
+    import platform
+    import subprocess
+    import sys
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator setting is for glibc only")
+    code = """
+import torch
+from brevitas_zeroshot._utils import keep_freed_memory, releases_memory
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+assert keep_freed_memory()
+@releases_memory
+def phase():
+    x = torch.ones(2**29, dtype=torch.uint8)  # 512 MiB, written
+    phase.pin = torch.ones(1000)  # a live block above it: the freed space is not at the heap's top
+    del x
+start = rss()
+x = torch.ones(2**29, dtype=torch.uint8)
+pin = torch.ones(1000)
+del x
+kept = rss() - start
+phase()
+print(kept, rss() - start - kept)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    kept, after_phase = map(int, out.split())
+    assert kept > 0.9 * 2**29, kept  # without a release the freed 512 MiB stays resident
+    assert after_phase < -0.9 * 2**29, after_phase  # the phase released it (and its own), kept nothing new
+
+
 def test_a_batch_whose_graph_does_not_fit_in_memory_runs_in_passes_that_do(r20, monkeypatch, caplog):
     model, cfg = r20
     whole = Synthesiser(model, cfg, "cpu", num_images=8, batch_size=8, iterations=4, precision="fp32").generate(

@@ -118,7 +118,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
         task, checkpoint, calib_folder, eval_folder = resolve_task(task_name)
         net, data_config = load_model(task.model, checkpoint=checkpoint)
         net.to(device).eval()
-        batches = list(create_loader(eval_folder, data_config, batch_size=250, limit=config.eval_limit))
+        batches = list(create_loader(eval_folder, data_config, batch_size=50, limit=config.eval_limit))
         task_dir = out / "cells" / _slug(task_name)
         float_file = task_dir / "float.json"
         if not float_file.exists():

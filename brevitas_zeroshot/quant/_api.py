@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from .._errors import BzqError, first_line
 from .._files import WRITER, read_own_record, write_atomic
-from .._utils import library_versions
+from .._utils import library_versions, releases_memory
 from ..synth import CalibrationSet
 from ._registry import as_batches, backend_for, backend_named
 
@@ -19,6 +19,7 @@ __all__ = ["quantize", "save_quantized", "load_quantized", "lower_quantized", "Q
 QUANT_CONFIG = "quant_config.json"
 
 
+@releases_memory
 def quantize(model: nn.Module, calibration, config) -> tuple[nn.Module, dict]:
     """Quantize a copy of the float ``model`` with the backend registered for ``type(config)``.
 

@@ -15,7 +15,15 @@ from torch import nn
 
 from .._errors import BzqError
 from .._files import STAGING, refuse_foreign, swap_in
-from .._utils import free_memory, has_native_bf16, keep_freed_memory, library_versions, progress, resolve_device
+from .._utils import (
+    free_memory,
+    has_native_bf16,
+    keep_freed_memory,
+    library_versions,
+    progress,
+    releases_memory,
+    resolve_device,
+)
 from ..models import resolve_data_config
 from ._bn import BN_LOSSES, BNStatistics, check_bn_statistics, find_bn_layers
 from ._set import (
@@ -263,6 +271,7 @@ class Synthesiser:
             "device": str(self.device),
         }
 
+    @releases_memory
     def generate(
         self, out: str | Path | None = None, overwrite: bool = False, show_progress: bool = True
     ) -> CalibrationSet:
