@@ -12,7 +12,7 @@ import typer
 
 from ._errors import BzqError, BzqInterrupted, BzqPartial
 from ._utils import keep_freed_memory
-from .synth._synthesiser import SynthesisConfig
+from .synth._synthesiser import LOW_RES_DEFAULT, SynthesisConfig
 
 app = typer.Typer(
     name="bzq",
@@ -69,7 +69,7 @@ LowResOpt = Annotated[
         "--low-res",
         min=0.0,
         max=0.99,
-        help="Fraction of the steps at half resolution (about 4x cheaper); default 0.8 from 128 px, else 0.",
+        help=f"Fraction of the steps at half resolution (~4x cheaper); default {LOW_RES_DEFAULT} from 128 px, else 0.",
     ),
 ]
 PrecisionOpt = Annotated[

@@ -192,12 +192,13 @@ def test_synthesis_benchmark_times_the_half_and_full_size_steps_of_the_schedule(
 
     from brevitas_zeroshot.bench import benchmark_synthesis
     from brevitas_zeroshot.synth import _bn_cpu
+    from brevitas_zeroshot.synth._synthesiser import LOW_RES_DEFAULT
 
     net = timm.create_model("mobilenetv2_035", pretrained=False, num_classes=10).eval()
     cfg = {"input_size": (3, 128, 128), "mean": (0.5,) * 3, "std": (0.5,) * 3, "num_classes": 10}
     r = benchmark_synthesis(net, cfg, batch_size=8, steps=3, repeats=3, device="cpu")
     # auto: each size of the schedule decided on its own where the CPU has native bf16
-    assert r["low_res"] == 0.8 and r["precision"] in (
+    assert r["low_res"] == LOW_RES_DEFAULT and r["precision"] in (
         "fp32",
         "bf16",
         "bf16, fp32 at half size",
@@ -205,7 +206,7 @@ def test_synthesis_benchmark_times_the_half_and_full_size_steps_of_the_schedule(
     )
     assert r["bn_kernels"] == ("compiled" if _bn_cpu.kernels() is not None else "torch")  # which the times are of
     assert r["low_res_step_s"] > 0 and r["synthesis_step_s"] > 0  # how much cheaper depends on the model: results.md
-    mixed = 0.8 * r["low_res_step_s"] + 0.2 * r["synthesis_step_s"]
+    mixed = LOW_RES_DEFAULT * r["low_res_step_s"] + (1 - LOW_RES_DEFAULT) * r["synthesis_step_s"]
     assert r["set_cost_vs_fwd_bwd"] == pytest.approx(mixed / r["forward_backward_s"])
     assert r["images_per_s"] == pytest.approx(8 / (mixed * r["iterations"]))
     assert r["iterations"] == 100  # the default from 128 px
