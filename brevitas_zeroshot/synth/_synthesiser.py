@@ -98,7 +98,7 @@ _GRAPH_SHARE = 0.8  # of the free memory, the most one pass's graph may take (se
 # the switch). A set made with ``low_res`` under another revision is another set; without ``low_res`` all agree.
 _LOW_RES_REVISION = 2
 # The share of the steps at half size for inputs of 128 px and more: 0.85 and 0.8 were level on the MobileNetV2
-# tuning split (W4A8, three seeds; docs/method.md), and 0.85 saves 3 of the 20 costly full-size steps.
+# tuning split (W4A8, three seeds; docs/method.md), and 0.85 saves 5 of the 20 costly full-size steps.
 LOW_RES_DEFAULT = 0.85
 
 
