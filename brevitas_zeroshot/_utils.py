@@ -75,34 +75,27 @@ def keep_freed_memory() -> bool:
     By default glibc serves every block above 32 MB with a fresh ``mmap`` and returns it to the system when freed, so
     each new 224 px activation tensor (tens of MB) is page-faulted and zeroed again: on the development CPU that is
     ~85 % of a memory-bound op (a 77 MB multiply: 79 ms, 8.5 ms without) and a third of a whole synthesis step. The
-    cost: the process keeps its peak memory until it exits.
+    cost: a phase's peak stays resident until the phase gives it back (``releases_memory``).
     """
     libc = _glibc()
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(libc and libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def release_freed_memory() -> bool:
-    """Give the process's free heap back to the system (glibc ``malloc_trim``; True if any was released).
-
-    With freed memory kept (``keep_freed_memory``) a finished phase's peak stays resident, and glibc's own trim
-    never fires when the free space is fragmented rather than at the heap's top: one EfficientNet-Lite2 PT2E cell
-    ended with 13.7 GiB free in the heap, and a bench process running cell after cell was killed for memory at 23 GiB.
-    """
-    libc = _glibc()
-    return bool(libc and libc.malloc_trim(0))
-
-
 def releases_memory(fn: Callable) -> Callable:
-    """Decorator for a phase (synthesis, quantization, evaluation): ``release_freed_memory`` when it returns or
-    raises, so the next phase, or the caller's own code, does not start beside this one's kept peak."""
+    """Decorator for a phase (synthesis, quantization, evaluation): when it returns or raises, the process's free
+    heap goes back to the system (glibc ``malloc_trim``), so the next phase, or the caller's own code, does not start
+    beside this one's kept peak. With freed memory kept (``keep_freed_memory``) glibc's own trim never fires when the
+    free space is fragmented rather than at the heap's top: one EfficientNet-Lite2 PT2E cell ended with 13.7 GiB free
+    in the heap, and a bench process running cell after cell was killed for memory at 23 GiB."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         finally:
-            release_freed_memory()
+            if libc := _glibc():
+                libc.malloc_trim(0)
 
     return wrapper
 

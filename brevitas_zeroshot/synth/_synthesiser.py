@@ -283,7 +283,8 @@ class Synthesiser:
         Under ``torchrun`` (an initialised ``torch.distributed`` group) every batch is split across the ranks, whose
         BN statistics are summed (the loss is the whole batch's); each batch's seeds derive from (seed, batch index)
         alone, so the set is the same, to float tolerance, whatever the world size. On glibc the process keeps the
-        memory it frees from then on (``keep_freed_memory``): about 1.5x faster steps at 224 px on the CPU.
+        memory it frees from then on (``keep_freed_memory``): about 1.5x faster steps at 224 px on the CPU; the
+        free heap goes back to the system when the set is done (``releases_memory``).
         """
         cfg = self.config
         keep_freed_memory()  # the hot loop allocates the same large activations every step
