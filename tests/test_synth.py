@@ -2,6 +2,7 @@ import contextlib
 import copy
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import timm
@@ -546,6 +547,10 @@ def test_low_res_steps_learn_half_size_images_then_full_size_with_the_learning_r
     resolved = {"low_res": synthesiser_module.LOW_RES_DEFAULT, "iterations": 100}
     assert Synthesiser(model, big, **small).manifest()["config"].items() >= resolved.items()
     assert Synthesiser(model, big, **TINY).manifest()["config"]["iterations"] == TINY["iterations"]
+    # The references state the default the code uses (they said 0.8 for a session after it moved to 0.85).
+    docs = Path(__file__).parents[1] / "docs"
+    assert f"default {resolved['low_res']} for inputs of 128 px" in (docs / "cli.md").read_text()
+    assert f"`None` = {resolved['low_res']} from 128 px" in (docs / "python-api.md").read_text()
     with pytest.raises(BzqError, match="low_res"):
         SynthesisConfig(low_res=1.0)
 
