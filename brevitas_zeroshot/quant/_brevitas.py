@@ -55,11 +55,6 @@ class BrevitasConfig:
     # GPTQ takes each layer's input channels in decreasing Hessian-diagonal order (Brevitas's act_order): tuning
     # splits, 3 seeds: MobileNetV2 W4A8 70.40 -> 73.33, cifar_resnet20 W4A4 79.20 -> 79.80 (docs/method.md).
     gptq_act_order: bool = True
-    # GPTQ's Hessian (the layer inputs' second moments) shrunk toward its diagonal by this fraction: synthetic images
-    # match the BN statistics (per-channel moments) but nothing constrains their cross-channel covariance.
-    gptq_shrink: float = 0.0
-    # GPTQ's damping: this fraction of the mean Hessian diagonal added to the diagonal (Brevitas: 0.01).
-    gptq_damp: float = 0.01
     gpfq: bool = False
     # Qronos (Brevitas's GPFQ-family solver): each layer's rounding also corrects the error its quantized input
     # carries from the layers before it (GPTQ fits the quantized input only).
@@ -109,8 +104,6 @@ class BrevitasConfig:
             raise BzqError("reconstruct_iters and reconstruct_batch must be at least 1.")
         if not 0 <= self.reconstruct_drop < 1:
             raise BzqError("reconstruct_drop must be in [0, 1).")
-        if not 0 <= self.gptq_shrink <= 1 or self.gptq_damp <= 0:
-            raise BzqError("gptq_shrink must be in [0, 1] and gptq_damp above 0.")
 
     @property
     def activation_range(self) -> str:
@@ -480,9 +473,7 @@ def calibrate(qmodel: nn.Module, batches) -> None:
 
 
 @torch.no_grad()
-def optimise_weights(
-    qmodel: nn.Module, batches, method: str = "gptq", act_order: bool = True, shrink: float = 0.0, damp: float = 0.01
-) -> float:
+def optimise_weights(qmodel: nn.Module, batches, method: str = "gptq", act_order: bool = True) -> float:
     """GPTQ, GPFQ or Qronos over the set (one pass per layer); returns the fraction of quantized weights changed.
 
     GPTQ fits each layer's weights to its quantized input; GPFQ and Qronos fit the quantized layer on its quantized
@@ -490,16 +481,8 @@ def optimise_weights(
     ``act_order`` (``BrevitasConfig.gptq_act_order``'s default): the input channels with the largest Hessian diagonal
     (input energy) go first."""
     from brevitas.graph.gpfq import gpfq_mode
-    from brevitas.graph.gptq import GPTQ, gptq_mode
+    from brevitas.graph.gptq import gptq_mode
     from brevitas.graph.qronos import Qronos
-
-    class _GPTQ(GPTQ):
-        def single_layer_update(self, *args, **kwargs):
-            if shrink:  # H <- (1 - shrink) H + shrink diag(H)
-                diag = self.H.diagonal(dim1=-2, dim2=-1).clone()
-                self.H.mul_(1 - shrink)
-                self.H.diagonal(dim1=-2, dim2=-1).copy_(diag)
-            return super().single_layer_update(percdamp=damp)
 
     class _Qronos(Qronos):
         def single_layer_update(self, *args, **kwargs):
@@ -511,7 +494,7 @@ def optimise_weights(
             return super().single_layer_update(*args, **kwargs)
 
     modes = {
-        "gptq": functools.partial(gptq_mode, gptq_class=_GPTQ),
+        "gptq": gptq_mode,
         "gpfq": gpfq_mode,
         "qronos": functools.partial(gpfq_mode, algorithm_impl=_Qronos),
     }
@@ -574,7 +557,7 @@ def quantize_brevitas(
     report["weights_changed_by_gptq"] = 0.0
     if config.weight_solver:
         report["weights_changed_by_gptq"] = optimise_weights(
-            qmodel, batches, config.weight_solver, config.gptq_act_order, config.gptq_shrink, config.gptq_damp
+            qmodel, batches, config.weight_solver, config.gptq_act_order
         )
     if config.use_reconstruction:
         start = time.perf_counter()
