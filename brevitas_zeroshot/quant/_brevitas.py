@@ -69,6 +69,10 @@ class BrevitasConfig:
     learn_weight_scales: bool = False  # reconstruction also learns the weights' per-channel steps (as Genie)
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
     reconstruct_fisher: bool = False  # weigh each block's output error by the float network's Fisher (BRECQ)
+    # Reconstruction after GPTQ learns whether to round each weight down or up from the value GPTQ rounded (its
+    # error-compensated float weight). False: from GPTQ's rounded weights, which sit on the grid, so learned rounding
+    # can only keep each weight or raise it by one step (the behaviour before 2026-11-28).
+    learn_gptq_rounding: bool = True
     # Quantize the inputs of a residual add whose sum is requantized before any layer (ResNets: add -> ReLU).
     # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
     # None: False below 8-bit activations (+3.7 pt at W4A4 on the tuning split, docs/method.md), True otherwise.
@@ -473,16 +477,39 @@ def calibrate(qmodel: nn.Module, batches) -> None:
 
 
 @torch.no_grad()
-def optimise_weights(qmodel: nn.Module, batches, method: str = "gptq", act_order: bool = True) -> float:
+def optimise_weights(
+    qmodel: nn.Module, batches, method: str = "gptq", act_order: bool = True, keep_unrounded: bool = False
+) -> float:
     """GPTQ, GPFQ or Qronos over the set (one pass per layer); returns the fraction of quantized weights changed.
 
     GPTQ fits each layer's weights to its quantized input; GPFQ and Qronos fit the quantized layer on its quantized
     input to the float layer on its float input, so they also correct the error carried from earlier layers.
     ``act_order`` (``BrevitasConfig.gptq_act_order``'s default): the input channels with the largest Hessian diagonal
-    (input energy) go first."""
+    (input energy) go first. ``keep_unrounded`` (GPTQ only): each layer keeps its weights as they were just before
+    GPTQ rounded them (error-compensated, not on the grid) in ``layer.bzq_unrounded``, for :func:`reconstruct` to
+    learn the rounding of."""
     from brevitas.graph.gpfq import gpfq_mode
-    from brevitas.graph.gptq import gptq_mode
+    from brevitas.graph.gptq import GPTQ, gptq_mode
     from brevitas.graph.qronos import Qronos
+
+    class _GPTQ(GPTQ):
+        # GPTQ rounds one input column at a time after compensating it for the columns rounded before: the value it
+        # rounds is the one read here, just before get_quant_weights quantizes that column (single_layer_update's
+        # flattened [groups, out / groups, columns] view of the layer's weight, which it updates in place).
+        def get_quant_weights(self, i, i1, permutation_list, with_quant_history=False):
+            if not hasattr(self, "unrounded"):
+                self.unrounded = self.layer.weight.detach().flatten(1).clone()
+            columns = self.layer.weight.detach().flatten(1).view(self.groups, -1, self.unrounded.shape[-1])
+            record = self.unrounded.view(self.groups, -1, self.unrounded.shape[-1])
+            for g, perm in enumerate(permutation_list):
+                record[g, :, perm[i1 + i]] = columns[g, :, perm[i1 + i]]
+            return super().get_quant_weights(i, i1, permutation_list, with_quant_history)
+
+        def single_layer_update(self, *args, **kwargs):
+            super().single_layer_update(*args, **kwargs)
+            if hasattr(self, "unrounded"):
+                self.layer.bzq_unrounded = self.unrounded.view_as(self.layer.weight)
+                del self.unrounded
 
     class _Qronos(Qronos):
         def single_layer_update(self, *args, **kwargs):
@@ -493,8 +520,10 @@ def optimise_weights(qmodel: nn.Module, batches, method: str = "gptq", act_order
             diag[diag == 0] = diag[diag > 0].mean() if (diag > 0).any() else 1.0
             return super().single_layer_update(*args, **kwargs)
 
+    if keep_unrounded and method != "gptq":
+        raise BzqError("keep_unrounded is for GPTQ, which rounds weights it first compensates.")
     modes = {
-        "gptq": gptq_mode,
+        "gptq": functools.partial(gptq_mode, gptq_class=_GPTQ) if keep_unrounded else gptq_mode,
         "gpfq": gpfq_mode,
         "qronos": functools.partial(gpfq_mode, algorithm_impl=_Qronos),
     }
@@ -557,7 +586,11 @@ def quantize_brevitas(
     report["weights_changed_by_gptq"] = 0.0
     if config.weight_solver:
         report["weights_changed_by_gptq"] = optimise_weights(
-            qmodel, batches, config.weight_solver, config.gptq_act_order
+            qmodel,
+            batches,
+            config.weight_solver,
+            config.gptq_act_order,
+            keep_unrounded=config.use_reconstruction and config.weight_solver == "gptq" and config.learn_gptq_rounding,
         )
     if config.use_reconstruction:
         start = time.perf_counter()
@@ -627,6 +660,7 @@ _ADDED = {
     "qronos": False,
     "depthwise_weight_range": None,
     "onnx_int8_weights": None,  # export only: a cell or model made without it is the same model
+    "learn_gptq_rounding": False,
 }
 
 

@@ -175,12 +175,18 @@ def _inputs(model: nn.Module, module: nn.Module, images: list[torch.Tensor]) -> 
 
 
 def _insert_learned_round(layers: list[nn.Module]) -> list[tuple[nn.Module, object]]:
-    """AdaRound quantizers (Brevitas's hard-sigmoid learned round) in ``layers``; returns what to restore."""
+    """AdaRound quantizers (Brevitas's hard-sigmoid learned round) in ``layers``; returns what to restore.
+
+    A layer that GPTQ rounded learns from the value GPTQ rounded (``bzq_unrounded``, see ``optimise_weights``):
+    down or up from there, where from its rounded weight (on the grid) the only choices would be keep or one up."""
     from brevitas.inject.enum import FloatToIntImplType, LearnedRoundImplType
 
     saved = []
     for layer in layers:
         with torch.no_grad():
+            unrounded = layer.__dict__.pop("bzq_unrounded", None)
+            if unrounded is not None:
+                layer.weight.copy_(unrounded)
             ratio = layer.weight / layer.quant_weight().scale
             delta = ratio - torch.floor(ratio)
             init = -torch.log((1.1 + 0.1) / (delta + 0.1) - 1)  # h(init) = delta: start from the float weight
@@ -325,10 +331,13 @@ def _fit(
 ) -> dict:
     """Learn ``unit``'s roundings (and step sizes) so ``unit.q(inputs_q)`` matches ``targets``, each element's squared
     error weighted by ``weights`` where given."""
+    scales = [p for p in _scale_parameters(unit.q) if id(p) not in unit.shared] if config.learn_scales else []
+    before = _error(unit, inputs_q, targets, weights)  # round to nearest (or GPTQ's rounding)
+    kept = [layer.weight for layer in unit.layers] + scales
+    snapshot = [p.detach().clone() for p in kept]
     saved = _insert_learned_round(unit.layers)
     rounding = _round_modules(unit.layers)
     groups = [{"params": [m.value for m in rounding], "lr": config.round_lr}]
-    scales = [p for p in _scale_parameters(unit.q) if id(p) not in unit.shared] if config.learn_scales else []
     if scales:
         groups.append({"params": scales, "lr": config.scale_lr})
     steps = _weight_steps(unit.layers) if config.weight_scale_lr > 0 else {}
@@ -342,9 +351,6 @@ def _fit(
         p.requires_grad_(True)
     opt = torch.optim.Adam(groups)
     warmup, iters = int(0.2 * config.iterations), config.iterations
-    before = _error(unit, inputs_q, targets, weights)
-    kept = [layer.weight for layer in unit.layers] + scales
-    snapshot = [p.detach().clone() for p in kept]
     steps_before = {k: p.detach().clone() for k, p in steps.items()}
     unit.q.train()
     for m in rounding:
@@ -449,6 +455,8 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
     finally:
         float_mode.__exit__(None, None, None)
         qmodel.to(memory_format=torch.contiguous_format)
+        for m in qmodel.modules():  # what a failed run left of optimise_weights(keep_unrounded=True)
+            m.__dict__.pop("bzq_unrounded", None)
     qmodel.eval()
     return report
 
