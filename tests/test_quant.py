@@ -621,7 +621,9 @@ def test_learned_rounding_after_gptq_starts_from_gptq_s_rounding_and_can_go_down
             assert 0.3 < (h > 0.5).float().mean() < 0.7 and ((h > 0.05) & (h < 0.95)).float().mean() > 0.8
         else:  # from GPTQ's rounded weights, on the grid: nearly all can only stay or go up
             assert (h < 0.01).float().mean() > 0.9
-    qmodel, _ = quantize(model, batches, BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=2))
+    qmodel, _ = quantize(
+        model, batches, BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=2, learn_gptq_rounding=True)
+    )
     assert not any("bzq_unrounded" in m.__dict__ for m in qmodel.modules())  # used up: the model is as before
 
 

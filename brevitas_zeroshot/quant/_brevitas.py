@@ -71,8 +71,9 @@ class BrevitasConfig:
     reconstruct_fisher: bool = False  # weigh each block's output error by the float network's Fisher (BRECQ)
     # Reconstruction after GPTQ learns whether to round each weight down or up from the value GPTQ rounded (its
     # error-compensated float weight). False: from GPTQ's rounded weights, which sit on the grid, so learned rounding
-    # can only keep each weight or raise it by one step (the behaviour before 2026-11-28).
-    learn_gptq_rounding: bool = True
+    # can only keep nearly every weight or raise it by one step. Off: with our images it raised the KL to float on
+    # every cell and lost on cifar_resnet32; it helped real images and larger sets (docs/method.md).
+    learn_gptq_rounding: bool = False
     # Quantize the inputs of a residual add whose sum is requantized before any layer (ResNets: add -> ReLU).
     # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
     # None: False below 8-bit activations (+3.7 pt at W4A4 on the tuning split, docs/method.md), True otherwise.
