@@ -68,6 +68,7 @@ class BrevitasConfig:
     learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
     learn_weight_scales: bool = False  # reconstruction also learns the weights' per-channel steps (as Genie)
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
+    reconstruct_flip: bool = False  # reconstruction also learns on the calibration images' mirror images
     reconstruct_fisher: bool = False  # weigh each block's output error by the float network's Fisher (BRECQ)
     # Reconstruction after GPTQ learns whether to round each weight down or up from the value GPTQ rounded (its
     # error-compensated float weight). False: from GPTQ's rounded weights, which sit on the grid, so learned rounding
@@ -608,6 +609,7 @@ def quantize_brevitas(
             weight_scale_lr=1e-4 if config.learn_weight_scales else 0.0,
             drop=config.reconstruct_drop,
             fisher=config.reconstruct_fisher,
+            flip=config.reconstruct_flip,
         )
         report["reconstruction"] = reconstruct(qmodel, batches, settings, float_weights)
         del float_weights
@@ -670,6 +672,7 @@ _ADDED = {
     "onnx_int8_weights": None,  # export only: a cell or model made without it is the same model
     "learn_gptq_rounding": False,
     "reconstruct_float_targets": False,
+    "reconstruct_flip": False,
 }
 
 

@@ -42,6 +42,7 @@ class ReconstructionConfig:
     # BRECQ's diagonal Fisher: weigh each output element's squared error by the squared gradient of the float
     # network's loss with respect to it (labels drawn from the float network's own softmax). Graph (block) mode only.
     fisher: bool = False
+    flip: bool = False  # also learn on each image's mirror image (twice the images for the same steps)
     fused: bool = True  # learn through torch's fused fake-quant kernel (same gradients, fewer passes)
     seed: int = 0
 
@@ -442,6 +443,8 @@ def reconstruct(
         chained = units is not None  # graph units form a chain: each one's output is the next one's input
         units = units or _layer_units(qmodel, fmodel)
         images = [x.to(device, memory_format=torch.channels_last) for x in _rebatch(batches, config.batch_size)]
+        if config.flip:
+            images += [x.flip(-1) for x in images]
         xq, xf = images, images
         rng = random.Random(config.seed)
         if config.fisher and not chained:
