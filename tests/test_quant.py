@@ -649,6 +649,27 @@ def test_reconstruction_after_gptq_can_target_the_float_network(monkeypatch):
     assert (logits[False] - ref).pow(2).mean() > 1e-3 * scale  # GPTQ's 4-bit weights with float activations
 
 
+def test_reconstruction_with_flip_learns_on_the_mirror_images_too(monkeypatch):
+    from brevitas_zeroshot.quant import _reconstruct
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    fit, seen = _reconstruct._fit, {}
+
+    def recording_fit(unit, inputs_q, *args):
+        if flip not in seen:  # the first unit's inputs: the images themselves
+            seen[flip] = torch.cat(inputs_q)
+        return fit(unit, inputs_q, *args)
+
+    monkeypatch.setattr(_reconstruct, "_fit", recording_fit)
+    for flip in (False, True):
+        config = BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=1, reconstruct_flip=flip)
+        _, report = quantize(model, calib, config)
+    assert torch.equal(seen[False], calib.images)
+    assert torch.equal(seen[True], torch.cat([calib.images, calib.images.flip(-1)]))
+    assert len(report["reconstruction"]["units"]) == 11
+
+
 def test_fisher_weights_follow_what_the_float_network_s_loss_is_sensitive_to():
     from brevitas_zeroshot.quant._reconstruct import _fisher, _Unit
 
