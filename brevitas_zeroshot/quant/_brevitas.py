@@ -75,9 +75,6 @@ class BrevitasConfig:
     # can only keep nearly every weight or raise it by one step. Off: with our images it raised the KL to float on
     # every cell and lost on cifar_resnet32; it helped real images and larger sets (docs/method.md).
     learn_gptq_rounding: bool = False
-    # Reconstruction after GPTQ (or GPFQ, Qronos) targets the float network, as BRECQ and QDrop do. False: the float
-    # twin is copied after the solver, so each unit's target has the solver's rounded weights with float activations.
-    reconstruct_float_targets: bool = False
     # Quantize the inputs of a residual add whose sum is requantized before any layer (ResNets: add -> ReLU).
     # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
     # None: False below 8-bit activations (+3.7 pt at W4A4 on the tuning split, docs/method.md), True otherwise.
@@ -589,9 +586,6 @@ def quantize_brevitas(
     if config.depthwise_weight_range not in (None, config.weight_steps):
         report["weight_grid"] += f" ({config.depthwise_weight_range} steps in depthwise convolutions)"
     report["weights_changed_by_gptq"] = 0.0
-    float_weights = None
-    if config.use_reconstruction and config.weight_solver and config.reconstruct_float_targets:
-        float_weights = {name: p.detach().clone() for name, p in qmodel.named_parameters() if name.endswith("weight")}
     if config.weight_solver:
         report["weights_changed_by_gptq"] = optimise_weights(
             qmodel,
@@ -611,8 +605,7 @@ def quantize_brevitas(
             fisher=config.reconstruct_fisher,
             flip=config.reconstruct_flip,
         )
-        report["reconstruction"] = reconstruct(qmodel, batches, settings, float_weights)
-        del float_weights
+        report["reconstruction"] = reconstruct(qmodel, batches, settings)
         report["reconstruction"]["seconds"] = round(time.perf_counter() - start, 2)
     if config.bias_correction:
         correct_biases(qmodel, batches)
@@ -671,7 +664,6 @@ _ADDED = {
     "depthwise_weight_range": None,
     "onnx_int8_weights": None,  # export only: a cell or model made without it is the same model
     "learn_gptq_rounding": False,
-    "reconstruct_float_targets": False,
     "reconstruct_flip": False,
 }
 

@@ -417,24 +417,14 @@ def _fisher(units: list[_Unit], images: list[torch.Tensor], seed: int) -> list[l
     return squares
 
 
-def reconstruct(
-    qmodel: nn.Module, batches, config: ReconstructionConfig | None = None, float_weights: dict | None = None
-) -> dict:
-    """Reconstruct every unit of the calibrated Brevitas model ``qmodel`` on ``batches``; returns a report.
-
-    The targets come from a copy of ``qmodel`` with quantization off; ``float_weights`` (parameter name -> tensor,
-    taken before GPTQ overwrote the weights) makes that copy the float network rather than GPTQ's weights."""
+def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None = None) -> dict:
+    """Reconstruct every unit of the calibrated Brevitas model ``qmodel`` on ``batches``; returns a report."""
     from brevitas.graph.calibrate import quantization_status_manager
 
     config = config or ReconstructionConfig()
     device = next(qmodel.parameters()).device
     qmodel.to(memory_format=torch.channels_last)  # faster convolutions (as in synthesis); undone at the end
     fmodel = copy.deepcopy(qmodel).eval()
-    if float_weights:
-        with torch.no_grad():
-            params = dict(fmodel.named_parameters())
-            for name, w in float_weights.items():
-                params[name].copy_(w)
     float_mode = quantization_status_manager(fmodel, disable_act_quant=True, disable_weight_quant=True,
                                              disable_bias_quant=True, is_training=False)  # fmt: skip
     float_mode.__enter__()
