@@ -68,7 +68,9 @@ class BrevitasConfig:
     learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
     learn_weight_scales: bool = False  # reconstruction also learns the weights' per-channel steps (as Genie)
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
-    reconstruct_flip: bool = False  # reconstruction also learns on the calibration images' mirror images
+    # Reconstruction also learns on the calibration images' mirror images (twice the images, the same steps). Off:
+    # level from the default start; with learn_gptq_rounding it lowered the KL to float (docs/method.md).
+    reconstruct_flip: bool = False
     reconstruct_fisher: bool = False  # weigh each block's output error by the float network's Fisher (BRECQ)
     # Reconstruction after GPTQ learns whether to round each weight down or up from the value GPTQ rounded (its
     # error-compensated float weight). False: from GPTQ's rounded weights, which sit on the grid, so learned rounding
