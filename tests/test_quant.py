@@ -466,6 +466,24 @@ def test_asymmetric_weights_use_every_level_reload_and_export(tmp_path):
     _reloads_and_exports(qmodel, x, tmp_path, config=config, data_config=cfg, calib=calib, report=report)
 
 
+@pytest.mark.parametrize("weight_range", ["max", "mse"])
+def test_gptq_leaves_asymmetric_weights_on_a_fixed_grid(weight_range):
+    # GPTQ rounds column by column and writes the rounded weights back: a zero point recomputed from the weights it
+    # is changing would move and take the columns already rounded off the grid.
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=32)
+    config = BrevitasConfig(w_bits=3, a_bits=8, weight_symmetric=False, weight_range=weight_range)
+    qmodel, _ = build_quant_model(model, config, (3, 32, 32))
+    calibrate(qmodel, calib.loader(16))
+    layers = {n: m for n, m in qmodel.named_modules() if hasattr(m, "quant_weight")}
+    zero_points = {n: m.quant_weight().zero_point.clone() for n, m in layers.items()}
+    assert optimise_weights(qmodel, calib.loader(16)) > 0.01
+    for name, layer in layers.items():
+        quant = layer.quant_weight()
+        assert torch.equal(quant.zero_point, zero_points[name]), name
+        assert torch.allclose(quant.value, layer.weight, atol=1e-6), name  # GPTQ's weights are fixed points
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

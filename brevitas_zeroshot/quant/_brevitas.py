@@ -196,6 +196,7 @@ def prepare_for_brevitas(model: nn.Module, input_size: tuple[int, int, int]) -> 
 
 def _quantizers(config: BrevitasConfig):
     from brevitas.core.scaling import ParameterFromStatsFromParameterScaling
+    from brevitas.core.zero_point import ParameterFromStatsFromParameterZeroPoint
     from brevitas.quant import (
         Int8ActPerTensorFloat,
         Int8WeightPerChannelFloat,
@@ -221,10 +222,13 @@ def _quantizers(config: BrevitasConfig):
         ShiftedUint8WeightPerChannelFloat: ShiftedUint8WeightPerChannelFloatMSE,
         ShiftedUint8WeightPerTensorFloat: ShiftedUint8WeightPerTensorFloatMSE,
     }[base]
-    # Parameter-from-stats scaling: with the default runtime-stats scale GPTQ silently changes nothing.
-    steps = {
-        r: q.let(scaling_impl=ParameterFromStatsFromParameterScaling) for r, q in (("max", base), ("mse", searched))
-    }
+    # Steps and zero points as parameters set once from the weights' statistics: with Brevitas's default stats-from-
+    # weights step GPTQ silently changes nothing, and a zero point recomputed from the weights moves while GPTQ
+    # updates them, taking the weights it already rounded off the grid.
+    frozen = {"scaling_impl": ParameterFromStatsFromParameterScaling}
+    if not config.symmetric_weights:
+        frozen["zero_point_impl"] = ParameterFromStatsFromParameterZeroPoint
+    steps = {r: q.let(**frozen) for r, q in (("max", base), ("mse", searched))}
     plain, depthwise = steps[config.weight_steps], steps[config.depthwise_weight_range or config.weight_steps]
     weight = plain if depthwise is plain else (lambda module: depthwise if _depthwise(module) else plain)
     if (
