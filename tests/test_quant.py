@@ -484,6 +484,28 @@ def test_gptq_leaves_asymmetric_weights_on_a_fixed_grid(weight_range):
         assert torch.allclose(quant.value, layer.weight, atol=1e-6), name  # GPTQ's weights are fixed points
 
 
+def test_files_without_frozen_weight_zero_points_reload_unchanged(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    config = BrevitasConfig(w_bits=4, a_bits=8, weight_symmetric=False, gptq=False)
+    qmodel, report = quantize(model, calib, config)
+    out = save_quantized(
+        qmodel, tmp_path / "q", model_name="cifar_resnet20", config=config, data_config=cfg, calib=calib,
+        report=report, export_onnx=False,
+    )  # fmt: skip
+    weights = out / "model.safetensors"
+    state = load_file(str(weights))
+    old = {k: v for k, v in state.items() if not k.endswith("weight_quant.tensor_quant.zero_point_impl.value")}
+    assert len(state) - len(old) == 20  # every conv and linear layer's zero point: as files written before
+    save_file(old, str(weights))
+    reloaded, _ = load_quantized(out)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(_value(reloaded(x)), _value(qmodel(x)))
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

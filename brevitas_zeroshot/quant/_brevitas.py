@@ -686,7 +686,12 @@ def _load(folder: Path, meta: dict) -> nn.Module:
     float_model, _ = load_model(meta["model"], pretrained=False)
     model, _ = build_quant_model(float_model, config, tuple(meta["data_config"]["input_size"]))
     with load_quant_model_mode(model):
-        model.load_state_dict(load_file(str(folder / meta["files"]["weights"])))
+        missing, unexpected = model.load_state_dict(load_file(str(folder / meta["files"]["weights"])), strict=False)
+    # Files written before the weights' zero points were frozen lack them: they are set from the saved weights on
+    # the first forward pass, as they were then computed on every pass.
+    missing = [k for k in missing if not k.endswith("weight_quant.tensor_quant.zero_point_impl.value")]
+    if missing or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model
 
 
