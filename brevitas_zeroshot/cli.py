@@ -12,6 +12,7 @@ import typer
 
 from ._errors import BzqError, BzqInterrupted, BzqPartial
 from ._utils import keep_freed_memory
+from .quant._reconstruct import ReconstructionConfig
 from .synth._synthesiser import LOW_RES_DEFAULT, SynthesisConfig
 
 app = typer.Typer(
@@ -335,7 +336,7 @@ def quantize(
     ] = None,
     reconstruct_iters: Annotated[
         int, typer.Option("--reconstruct-iters", min=1, help="brevitas: reconstruction steps per block.")
-    ] = 1200,
+    ] = ReconstructionConfig.iterations,
     reconstruct_drop: Annotated[
         float,
         typer.Option(

@@ -149,6 +149,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                         **metrics,
                         "synthesis_seconds": seconds,
                         "quantization_seconds": round(quant_seconds, 2),
+                        "reconstruction_seconds": report.get("reconstruction", {}).get("seconds"),
                         "bn_loss_trace": _loss_trace(calib),
                         "notes": report.get("notes", []),
                         "quant_config": settings[scheme],
@@ -214,6 +215,12 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean of the recorded values (cells without reconstruction, or older than the field, record none)."""
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
 def summarise(results: dict) -> list[dict]:
     """One row per (task, scheme, source): mean/std over seeds, and the share of the real-vs-noise gap closed."""
     groups: dict[tuple, list[dict]] = {}
@@ -232,6 +239,7 @@ def summarise(results: dict) -> list[dict]:
                 "top1_text": _mean_std(top1),
                 "agreement": statistics.fmean(c["agreement"] for c in cells),
                 "synthesis_seconds": statistics.fmean(c["synthesis_seconds"] for c in cells),
+                "reconstruction_seconds": _mean_or_none([c.get("reconstruction_seconds") for c in cells]),
             }
         )
     means = {(r["task"], r["scheme"], r["source"]): r["top1"] for r in rows}
@@ -260,15 +268,17 @@ def quality_table(results: dict) -> str:
             f"### {task} (float top-1 {fl.get('top1', float('nan')):.2f} on {fl.get('n', '?')} images; "
             f"{fl.get('note', '')})",
             "",
-            "| scheme | source | seeds | top-1 % | vs real | gap closed | agreement % | synthesis s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| scheme | source | seeds | top-1 % | vs real | gap closed | agreement % | synthesis s "
+            "| reconstruction s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted((r for r in rows if r["task"] == task), key=lambda r: (r["scheme"], r["source"])):
             vs = f"{r['vs_real']:+.2f}" if r["vs_real"] is not None else "–"
             gap = f"{100 * r['gap_closed']:.0f} %" if r["gap_closed"] is not None and r["source"] != "real" else "–"
+            recon = f"{r['reconstruction_seconds']:.1f}" if r["reconstruction_seconds"] is not None else "–"
             lines.append(
                 f"| {r['scheme']} | {r['source']} | {r['seeds']} | {r['top1_text']} | {vs} | {gap} | "
-                f"{r['agreement']:.2f} | {r['synthesis_seconds']:.1f} |"
+                f"{r['agreement']:.2f} | {r['synthesis_seconds']:.1f} | {recon} |"
             )
         lines.append("")
     return "\n".join(lines)
