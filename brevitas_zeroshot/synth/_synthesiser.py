@@ -128,8 +128,8 @@ class SynthesisConfig:
     canvas: int = 0  # learn images this many pixels larger on each side; each step sees a random window of them
     blur_sigma: float = 0.0  # Gaussian low-pass (pixels) on every sample: smooth images by construction
     # sigma (pixels) of a 3x3 Gaussian low-pass on the finished images only (0: off). 1.25 (the default until the
-    # nineteenth session) won under GPTQ alone, and may still where no reconstruction runs (MobileNetV2 W4A8: -2);
-    # under block reconstruction 0.6 won by 1-7 pt (docs/method.md).
+    # nineteenth session) won under GPTQ alone; under block reconstruction 0.6 won by 1-7 pt, and without it the two
+    # are level (MobileNetV2 W4A8, three seeds; docs/method.md).
     smooth: float = 0.6
     seed: int = 0
     max_restarts: int = 3
