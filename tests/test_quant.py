@@ -688,6 +688,67 @@ def test_reconstruction_with_flip_learns_on_the_mirror_images_too(monkeypatch):
     assert len(report["reconstruction"]["units"]) == 11
 
 
+class _Draws:
+    """Stands in for ``random.Random``: ``randrange`` returns the given values in turn."""
+
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def randrange(self, lo, hi):
+        v = next(self.values)
+        assert lo <= v < hi
+        return v
+
+
+def test_reconstruction_windows_compute_exactly_and_estimate_the_whole_error_without_bias():
+    from brevitas_zeroshot.quant._reconstruct import _slice, _window
+
+    torch.manual_seed(0)
+    unit = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    window = _window(unit, x, 0.25)
+    assert (window.stride, window.side, window.size) == (2, (4, 4), (16, 16)) and window.margin >= 1
+    with torch.no_grad():
+        full = unit(x)
+        n, k = 16, 4
+        draws = [(a, b) for a in range(-k + 1, n) for b in range(-k + 1, n)]  # every window, borders included
+        estimate = 0.0
+        for a, b in draws:
+            cut, inner, outer, factor = window.sample(_Draws([a, b]))
+            part = unit(_slice(x, *cut))[..., inner[0], inner[1]]
+            torch.testing.assert_close(part, full[..., outer[0], outer[1]], rtol=0, atol=1e-5)  # exact
+            estimate += factor * full[..., outer[0], outer[1]].pow(2).sum().item()
+        assert estimate / len(draws) == pytest.approx(full.pow(2).sum().item(), rel=1e-5)  # unbiased
+        window.margin -= 1  # one less and the padding reaches into some window
+        cut, inner, outer, _ = window.sample(_Draws([5, 5]))
+        assert not torch.allclose(unit(_slice(x, *cut))[..., inner[0], inner[1]], full[..., outer[0], outer[1]])
+
+    class Gated(nn.Module):  # squeeze-excitation: every output depends on the whole image
+        def forward(self, x):
+            return unit(x) * unit(x).mean((2, 3), keepdim=True).sigmoid()
+
+    assert _window(Gated(), x, 0.25) is None
+    assert _window(unit, x, 0.75) is None  # a window as costly as the whole image
+    assert _window(unit, x[..., :8, :8], 0.25) is None  # a map too small to cut
+
+
+def test_reconstruction_on_windows_lowers_block_errors_where_the_maps_are_large(resnet20):
+    model, cfg = resnet20
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    config = BrevitasConfig(w_bits=4, a_bits=4, gptq=False, bias_correction=False, reconstruct_iters=100,
+                            reconstruct_crop=0.5)  # fmt: skip
+    _, report = quantize(model, calib, config)
+    units = report["reconstruction"]["units"]
+    assert report["reconstruction"]["crop"] == 0.5 and len(units) == 11
+    # 32 and 16 px outputs learn on windows of half their side (margin: the padding of two 3x3 convolutions, one
+    # for the stem), 8 px ones and the head on whole images
+    assert [u.get("window") for u in units] == [[16, 16, 1]] + [[16, 16, 2]] * 3 + [[8, 8, 2]] * 3 + [None] * 4
+    assert all(u["mse_after"] <= u["mse_before"] for u in units)
+    assert sum(u["mse_after"] for u in units[:7]) < 0.98 * sum(u["mse_before"] for u in units[:7]), units
+    with pytest.raises(BzqError, match="reconstruct_crop"):
+        BrevitasConfig(reconstruct_crop=1.0)
+
+
 def test_fisher_weights_follow_what_the_float_network_s_loss_is_sensitive_to():
     from brevitas_zeroshot.quant._reconstruct import _fisher, _Unit
 

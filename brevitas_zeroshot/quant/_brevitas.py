@@ -72,6 +72,9 @@ class BrevitasConfig:
     # level from the default start; with learn_gptq_rounding it lowered the KL to float (docs/method.md).
     reconstruct_flip: bool = False
     reconstruct_fisher: bool = False  # weigh each block's output error by the float network's Fisher (BRECQ)
+    # > 0: reconstruction learns on random windows of this fraction of each unit's output side (computed exactly,
+    # about the window's area per step); 0: on whole images.
+    reconstruct_crop: float = 0.0
     # Reconstruction after GPTQ learns whether to round each weight down or up from the value GPTQ rounded (its
     # error-compensated float weight). False: from GPTQ's rounded weights, which sit on the grid, so learned rounding
     # can only keep nearly every weight or raise it by one step. Off: with our images it raised the KL to float on
@@ -112,6 +115,8 @@ class BrevitasConfig:
             raise BzqError("reconstruct_iters and reconstruct_batch must be at least 1.")
         if not 0 <= self.reconstruct_drop < 1:
             raise BzqError("reconstruct_drop must be in [0, 1).")
+        if not 0 <= self.reconstruct_crop < 1:
+            raise BzqError("reconstruct_crop must be in [0, 1): a window's fraction of the side, or 0 for none.")
 
     @property
     def activation_range(self) -> str:
@@ -610,6 +615,7 @@ def quantize_brevitas(
             drop=config.reconstruct_drop,
             fisher=config.reconstruct_fisher,
             flip=config.reconstruct_flip,
+            crop=config.reconstruct_crop,
         )
         report["reconstruction"] = reconstruct(qmodel, batches, settings)
         report["reconstruction"]["seconds"] = round(time.perf_counter() - start, 2)
@@ -671,6 +677,7 @@ _ADDED = {
     "onnx_int8_weights": None,  # export only: a cell or model made without it is the same model
     "learn_gptq_rounding": False,
     "reconstruct_flip": False,
+    "reconstruct_crop": 0.0,
 }
 
 

@@ -43,6 +43,10 @@ class ReconstructionConfig:
     # network's loss with respect to it (labels drawn from the float network's own softmax). Graph (block) mode only.
     fisher: bool = False
     flip: bool = False  # also learn on each image's mirror image (twice the images for the same steps)
+    # > 0: each step computes a unit on a random window of its input only, and its loss on a window of this fraction
+    # of the output's side (exact there: the margin the unit's padding reaches is computed and left out). The loss is
+    # still an unbiased estimate of the whole image's; a step costs about the window's area. 0: whole images.
+    crop: float = 0.0
     fused: bool = True  # learn through torch's fused fake-quant kernel (same gradients, fewer passes)
     seed: int = 0
 
@@ -318,6 +322,72 @@ def _learning(unit: nn.Module, drop: float = 0.0, fused: bool = True):
             m.tensor_quant = quant
 
 
+# -- windows ---------------------------------------------------------------------------------------------------------
+
+
+def _slice(x, rows: slice, cols: slice):
+    """``x[..., rows, cols]`` for a tensor or a Brevitas quant tensor (whose step has no spatial extent)."""
+    if isinstance(x, torch.Tensor):
+        return x[..., rows, cols]
+    return x._replace(value=x.value[..., rows, cols])
+
+
+@dataclass
+class _Window:
+    """Random windows of one unit's output for its loss, and the part of its input that computes them exactly."""
+
+    stride: int  # input side / output side
+    margin: int  # output positions at a window's edge that the unit's padding reaches (inside the image)
+    side: tuple[int, int]  # the loss window's side per axis, in output positions
+    size: tuple[int, int]  # the unit's output size
+
+    def sample(self, rng) -> tuple[tuple[slice, slice], tuple[slice, slice], tuple[slice, slice], float]:
+        """Input slices, the loss window inside the unit's output on them, the same window in the full output, and
+        the factor that makes the window's error sum an unbiased estimate of the whole output's. The window's start
+        is drawn from -side + 1 to size - 1 and clipped to the image, so every output position is drawn alike."""
+        inputs, inner, outer, factor = [], [], [], 1.0
+        for n, k in zip(self.size, self.side, strict=True):
+            r = rng.randrange(-k + 1, n)
+            lo, hi = max(r, 0), min(r + k, n)
+            c0, c1 = max(lo - self.margin, 0), min(hi + self.margin, n)
+            inputs.append(slice(c0 * self.stride, c1 * self.stride))
+            inner.append(slice(lo - c0, hi - c0))
+            outer.append(slice(lo, hi))
+            factor *= (n + k - 1) / k
+        return tuple(inputs), tuple(inner), tuple(outer), factor
+
+
+@torch.no_grad()
+def _window(unit: nn.Module, x: torch.Tensor, fraction: float) -> _Window | None:
+    """How ``unit`` can learn on windows of ``fraction`` of its output's side, or None where it cannot, or where a
+    window would cost nearly the whole image. The margin is measured: ``unit`` on the middle half of ``x`` against
+    the same part of its output on all of ``x`` (a global operation, such as squeeze-excitation, matches nowhere)."""
+    x = _value(x)
+    y = _value(unit(x))
+    if fraction <= 0 or x.dim() != 4 or y.dim() != 4:
+        return None
+    (hi_, wi_), (h, w) = x.shape[-2:], y.shape[-2:]
+    stride = hi_ // h
+    if hi_ != stride * h or wi_ != stride * w:
+        return None
+    a, b = h // 4, w // 4
+    if h - 2 * a < 3 or w - 2 * b < 3:
+        return None
+    part = _value(unit(x[..., a * stride : (h - a) * stride, b * stride : (w - b) * stride]))
+    if part.shape[-2:] != (h - 2 * a, w - 2 * b):
+        return None
+    off = (part - y[..., a : h - a, b : w - b]).abs().amax(dim=(0, 1)) > 1e-4 * y.abs().max().clamp_min(1e-12)
+    margin = next(
+        (m for m in range(min(off.shape) // 2) if not off[m : off.shape[0] - m, m : off.shape[1] - m].any()), None
+    )
+    if margin is None:
+        return None
+    side = (max(1, round(fraction * h)), max(1, round(fraction * w)))
+    if (side[0] + 2 * margin) * (side[1] + 2 * margin) > 0.6 * h * w:
+        return None
+    return _Window(stride, margin, side, (h, w))
+
+
 # -- the loop -------------------------------------------------------------------------------------------------------
 
 
@@ -329,6 +399,7 @@ def _fit(
     config: ReconstructionConfig,
     rng,
     bar,
+    window: _Window | None = None,
 ) -> dict:
     """Learn ``unit``'s roundings (and step sizes) so ``unit.q(inputs_q)`` matches ``targets``, each element's squared
     error weighted by ``weights`` where given."""
@@ -359,8 +430,18 @@ def _fit(
     with _learning(unit.q, config.drop, config.fused):
         for step in range(iters):
             i = rng.randrange(len(inputs_q))
-            error = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2)
-            loss = (error if weights is None else error * weights[i]).flatten(1).sum(1).mean()
+            if window is None:
+                error = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2)
+                loss = (error if weights is None else error * weights[i]).flatten(1).sum(1).mean()
+            else:
+                cut, inner, outer, factor = window.sample(rng)
+                error = (
+                    _value(unit.q(_slice(inputs_q[i], *cut)))[..., inner[0], inner[1]]
+                    - targets[i][..., outer[0], outer[1]]
+                ).pow(2)
+                if weights is not None:
+                    error = error * weights[i][..., outer[0], outer[1]]
+                loss = error.flatten(1).sum(1).mean() * factor
             if step >= warmup and rounding:
                 beta = 20 - (20 - 2) * (step - warmup) / max(iters - warmup, 1)
                 h = torch.cat([m.learned_round_impl(m.value).flatten() for m in rounding])
@@ -442,6 +523,7 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
         fisher = _fisher(units, images, config.seed) if config.fisher and chained else [None] * len(units)
         report = {"mode": "blocks" if chained else "layers", "iterations": config.iterations,
                   "batch_size": config.batch_size, "error": "fisher" if fisher[0] is not None else "mse",
+                  "crop": config.crop,
                   "units": []}  # fmt: skip
         bar = progress(total=len(units) * config.iterations, desc="reconstruction", unit="it")
         for unit, weights in zip(units, fisher, strict=True):
@@ -449,7 +531,10 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
                 xq, xf = _inputs(qmodel, unit.q, images), _inputs(fmodel, unit.f, images)
             with torch.no_grad():
                 targets = [_value(unit.f(x)).detach() for x in xf]
-            report["units"].append(_fit(unit, xq, targets, weights, config, rng, bar))
+            window = _window(unit.f, xf[0], config.crop) if config.crop > 0 else None
+            report["units"].append(_fit(unit, xq, targets, weights, config, rng, bar, window))
+            if window is not None:
+                report["units"][-1]["window"] = [*window.side, window.margin]
             if chained:
                 with torch.no_grad():
                     xq = [unit.q(x) for x in xq]
