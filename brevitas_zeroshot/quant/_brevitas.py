@@ -80,6 +80,9 @@ class BrevitasConfig:
     # can only keep nearly every weight or raise it by one step. Off: with our images it raised the KL to float on
     # every cell and lost on cifar_resnet32; it helped real images and larger sets (docs/method.md).
     learn_gptq_rounding: bool = False
+    # Reconstruction after GPTQ starts each weight at GPTQ's rounding and may flip it to the other grid neighbour of
+    # the value GPTQ rounded (every weight free to move either way; learn_gptq_rounding starts from the value itself).
+    learn_gptq_flips: bool = False
     # Quantize the inputs of a residual add whose sum is requantized before any layer (ResNets: add -> ReLU).
     # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
     # None: False below 8-bit activations (+3.7 pt at W4A4 on the tuning split, docs/method.md), True otherwise.
@@ -115,6 +118,8 @@ class BrevitasConfig:
             raise BzqError("reconstruct_iters and reconstruct_batch must be at least 1.")
         if not 0 <= self.reconstruct_drop < 1:
             raise BzqError("reconstruct_drop must be in [0, 1).")
+        if self.learn_gptq_rounding and self.learn_gptq_flips:
+            raise BzqError("learn_gptq_rounding and learn_gptq_flips are two starts of the same learning: choose one.")
         if not 0 <= self.reconstruct_crop < 1:
             raise BzqError("reconstruct_crop must be in [0, 1): a window's fraction of the side, or 0 for none.")
 
@@ -603,7 +608,9 @@ def quantize_brevitas(
             batches,
             config.weight_solver,
             config.gptq_act_order,
-            keep_unrounded=config.use_reconstruction and config.weight_solver == "gptq" and config.learn_gptq_rounding,
+            keep_unrounded=config.use_reconstruction
+            and config.weight_solver == "gptq"
+            and (config.learn_gptq_rounding or config.learn_gptq_flips),
         )
     if config.use_reconstruction:
         start = time.perf_counter()
@@ -616,6 +623,7 @@ def quantize_brevitas(
             fisher=config.reconstruct_fisher,
             flip=config.reconstruct_flip,
             crop=config.reconstruct_crop,
+            gptq_flips=config.learn_gptq_flips,
         )
         report["reconstruction"] = reconstruct(qmodel, batches, settings)
         report["reconstruction"]["seconds"] = round(time.perf_counter() - start, 2)
@@ -678,6 +686,7 @@ _ADDED = {
     "learn_gptq_rounding": False,
     "reconstruct_flip": False,
     "reconstruct_crop": 0.0,
+    "learn_gptq_flips": False,
 }
 
 

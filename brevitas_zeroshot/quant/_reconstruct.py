@@ -47,6 +47,7 @@ class ReconstructionConfig:
     # of the output's side (exact there: the margin the unit's padding reaches is computed and left out). The loss is
     # still an unbiased estimate of the whole image's; a step costs about the window's area. 0: whole images.
     crop: float = 0.0
+    gptq_flips: bool = False  # learned rounding after GPTQ starts at GPTQ's choice (see _insert_learned_round)
     fused: bool = True  # learn through torch's fused fake-quant kernel (same gradients, fewer passes)
     seed: int = 0
 
@@ -179,21 +180,26 @@ def _inputs(model: nn.Module, module: nn.Module, images: list[torch.Tensor]) -> 
 # -- learned rounding and step sizes ------------------------------------------------------------------------------
 
 
-def _insert_learned_round(layers: list[nn.Module]) -> list[tuple[nn.Module, object]]:
+def _insert_learned_round(layers: list[nn.Module], flips: bool = False) -> list[tuple[nn.Module, object]]:
     """AdaRound quantizers (Brevitas's hard-sigmoid learned round) in ``layers``; returns what to restore.
 
     A layer that GPTQ rounded learns from the value GPTQ rounded (``bzq_unrounded``, see ``optimise_weights``):
-    down or up from there, where from its rounded weight (on the grid) the only choices would be keep or one up."""
+    down or up from there, starting from that value (``flips``: from GPTQ's choice). From its rounded weights alone,
+    which sit on the grid, the soft rounding starts at the clamp of its hard sigmoid, where it has no gradient: only
+    the few weights that float rounding leaves just off the grid can move (up)."""
     from brevitas.inject.enum import FloatToIntImplType, LearnedRoundImplType
 
     saved = []
     for layer in layers:
         with torch.no_grad():
             unrounded = layer.__dict__.pop("bzq_unrounded", None)
+            up = None if unrounded is None else layer.weight >= unrounded  # where GPTQ rounded up
             if unrounded is not None:
                 layer.weight.copy_(unrounded)
             ratio = layer.weight / layer.quant_weight().scale
             delta = ratio - torch.floor(ratio)
+            if flips and up is not None:  # start at GPTQ's choice, a hundredth of a step inside the clamp
+                delta = torch.where(up, 0.99, 0.01).to(delta)
             init = -torch.log((1.1 + 0.1) / (delta + 0.1) - 1)  # h(init) = delta: start from the float weight
         saved.append((layer, layer.weight_quant.quant_injector))
         layer.weight_quant.quant_injector = layer.weight_quant.quant_injector.let(
@@ -407,7 +413,7 @@ def _fit(
     before = _error(unit, inputs_q, targets, weights)  # round to nearest (or GPTQ's rounding)
     kept = [layer.weight for layer in unit.layers] + scales
     snapshot = [p.detach().clone() for p in kept]
-    saved = _insert_learned_round(unit.layers)
+    saved = _insert_learned_round(unit.layers, config.gptq_flips)
     rounding = _round_modules(unit.layers)
     groups = [{"params": [m.value for m in rounding], "lr": config.round_lr}]
     if scales:
