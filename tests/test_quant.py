@@ -667,6 +667,34 @@ def test_learned_rounding_after_gptq_starts_from_gptq_s_rounding_and_can_go_down
     assert not any("bzq_unrounded" in m.__dict__ for m in qmodel.modules())  # used up: the model is as before
 
 
+def test_learned_rounding_from_gptq_s_choice_can_flip_every_weight_where_the_rounded_weights_are_stuck():
+    from brevitas_zeroshot.quant._reconstruct import _insert_learned_round, _round_modules
+    from brevitas_zeroshot.quant._registry import as_batches
+
+    model, cfg = random_r20()
+    batches = as_batches(create_calibration_set("gaussian", model, cfg, num_images=32).images, 32)
+    for flips in (False, True):
+        qmodel, _ = build_quant_model(model, BrevitasConfig(w_bits=4, a_bits=4), batches.input_size)
+        calibrate(qmodel, batches)
+        optimise_weights(qmodel, batches, "gptq", keep_unrounded=flips)
+        layers = [m for m in qmodel.modules() if hasattr(m, "quant_weight") and m.quant_weight().bit_width == 4]
+        rounded = [m.quant_weight().value.detach().clone() for m in layers]
+        _insert_learned_round(layers, flips=flips)
+        rounding = _round_modules(layers)
+        h = [m.train().learned_round_impl(m.value) for m in rounding]
+        torch.cat([x.flatten() for x in h]).sum().backward()
+        moving = torch.cat([(m.value.grad != 0).flatten() for m in rounding]).float().mean()
+        with torch.no_grad():
+            for m in rounding:
+                m.eval()
+            assert all(torch.equal(m.quant_weight().value, r) for m, r in zip(layers, rounded, strict=True))
+        if flips:  # every weight starts a hundredth of a step from GPTQ's choice, with a gradient
+            soft = torch.cat([x.detach().flatten() for x in h])
+            assert moving == 1 and ((soft - 0.01).abs() < 1e-4).logical_or((soft - 0.99).abs() < 1e-4).all()
+        else:  # GPTQ's rounded weights sit on the grid, at the clamp of the hard sigmoid: nearly all stuck
+            assert moving < 0.1
+
+
 def test_reconstruction_with_flip_learns_on_the_mirror_images_too(monkeypatch):
     from brevitas_zeroshot.quant import _reconstruct
 

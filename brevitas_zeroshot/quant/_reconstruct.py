@@ -193,7 +193,7 @@ def _insert_learned_round(layers: list[nn.Module], flips: bool = False) -> list[
     for layer in layers:
         with torch.no_grad():
             unrounded = layer.__dict__.pop("bzq_unrounded", None)
-            up = None if unrounded is None else layer.weight >= unrounded  # where GPTQ rounded up
+            up = None if unrounded is None else layer.weight > unrounded  # where GPTQ rounded up
             if unrounded is not None:
                 layer.weight.copy_(unrounded)
             ratio = layer.weight / layer.quant_weight().scale
