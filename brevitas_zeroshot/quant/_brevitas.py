@@ -76,9 +76,10 @@ class BrevitasConfig:
     # about the window's area per step); 0: on whole images.
     reconstruct_crop: float = 0.0
     # Reconstruction after GPTQ learns whether to round each weight down or up from the value GPTQ rounded (its
-    # error-compensated float weight). False: from GPTQ's rounded weights, which sit on the grid, so learned rounding
-    # can only keep nearly every weight or raise it by one step. Off: with our images it raised the KL to float on
-    # every cell and lost on cifar_resnet32; it helped real images and larger sets (docs/method.md).
+    # error-compensated float weight). False: from GPTQ's rounded weights, which sit on the grid, where the soft
+    # rounding starts at its clamp without a gradient (about 2 % of them can move, up). Off: with our images it
+    # raised the KL to float on every cell and lost on cifar_resnet32; it helped real images and larger sets
+    # (docs/method.md).
     learn_gptq_rounding: bool = False
     # Reconstruction after GPTQ starts each weight at GPTQ's rounding and may flip it to the other grid neighbour of
     # the value GPTQ rounded (every weight free to move either way; learn_gptq_rounding starts from the value itself).
