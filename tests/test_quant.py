@@ -637,6 +637,15 @@ def test_reconstruction_lowers_block_errors_reloads_and_exports(resnet20, graph,
     assert (onnx.argmax(1) == got[:8].argmax(1)).float().mean() >= 0.75
 
 
+def _gptq_4bit_layers(model, batches, keep_unrounded: bool):
+    """The 4-bit layers of a W4A4 model after calibration and GPTQ, and their rounded weights."""
+    qmodel, _ = build_quant_model(model, BrevitasConfig(w_bits=4, a_bits=4), batches.input_size)
+    calibrate(qmodel, batches)
+    optimise_weights(qmodel, batches, "gptq", keep_unrounded=keep_unrounded)
+    layers = [m for m in qmodel.modules() if hasattr(m, "quant_weight") and m.quant_weight().bit_width == 4]
+    return layers, [m.quant_weight().value.detach().clone() for m in layers]
+
+
 def test_learned_rounding_after_gptq_starts_from_gptq_s_rounding_and_can_go_down_or_up():
     from brevitas_zeroshot.quant._reconstruct import _insert_learned_round, _round_modules
     from brevitas_zeroshot.quant._registry import as_batches
@@ -644,11 +653,7 @@ def test_learned_rounding_after_gptq_starts_from_gptq_s_rounding_and_can_go_down
     model, cfg = random_r20()
     batches = as_batches(create_calibration_set("gaussian", model, cfg, num_images=32).images, 32)
     for keep in (False, True):
-        qmodel, _ = build_quant_model(model, BrevitasConfig(w_bits=4, a_bits=4), batches.input_size)
-        calibrate(qmodel, batches)
-        optimise_weights(qmodel, batches, "gptq", keep_unrounded=keep)
-        layers = [m for m in qmodel.modules() if hasattr(m, "quant_weight") and m.quant_weight().bit_width == 4]
-        rounded = [m.quant_weight().value.detach().clone() for m in layers]
+        layers, rounded = _gptq_4bit_layers(model, batches, keep_unrounded=keep)
         _insert_learned_round(layers)
         assert not any("bzq_unrounded" in m.__dict__ for m in layers)
         rounding = _round_modules(layers)
@@ -659,7 +664,7 @@ def test_learned_rounding_after_gptq_starts_from_gptq_s_rounding_and_can_go_down
             assert all(torch.equal(m.quant_weight().value, r) for m, r in zip(layers, rounded, strict=True))
         if keep:  # from GPTQ's unrounded weights: about half may round down, half up, as AdaRound from float
             assert 0.3 < (h > 0.5).float().mean() < 0.7 and ((h > 0.05) & (h < 0.95)).float().mean() > 0.8
-        else:  # from GPTQ's rounded weights, on the grid: nearly all can only stay or go up
+        else:  # from GPTQ's rounded weights, on the grid: nearly all start at the clamp (and stay there)
             assert (h < 0.01).float().mean() > 0.9
     qmodel, _ = quantize(
         model, batches, BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=2, learn_gptq_rounding=True)
@@ -674,11 +679,7 @@ def test_learned_rounding_from_gptq_s_choice_can_flip_every_weight_where_the_rou
     model, cfg = random_r20()
     batches = as_batches(create_calibration_set("gaussian", model, cfg, num_images=32).images, 32)
     for flips in (False, True):
-        qmodel, _ = build_quant_model(model, BrevitasConfig(w_bits=4, a_bits=4), batches.input_size)
-        calibrate(qmodel, batches)
-        optimise_weights(qmodel, batches, "gptq", keep_unrounded=flips)
-        layers = [m for m in qmodel.modules() if hasattr(m, "quant_weight") and m.quant_weight().bit_width == 4]
-        rounded = [m.quant_weight().value.detach().clone() for m in layers]
+        layers, rounded = _gptq_4bit_layers(model, batches, keep_unrounded=flips)
         _insert_learned_round(layers, flips=flips)
         rounding = _round_modules(layers)
         h = [m.train().learned_round_impl(m.value) for m in rounding]

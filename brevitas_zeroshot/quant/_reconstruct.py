@@ -368,9 +368,11 @@ def _window(unit: nn.Module, x: torch.Tensor, fraction: float) -> _Window | None
     """How ``unit`` can learn on windows of ``fraction`` of its output's side, or None where it cannot, or where a
     window would cost nearly the whole image. The margin is measured: ``unit`` on the middle half of ``x`` against
     the same part of its output on all of ``x`` (a global operation, such as squeeze-excitation, matches nowhere)."""
+    if fraction <= 0:
+        return None
     x = _value(x)
     y = _value(unit(x))
-    if fraction <= 0 or x.dim() != 4 or y.dim() != 4:
+    if x.dim() != 4 or y.dim() != 4:
         return None
     (hi_, wi_), (h, w) = x.shape[-2:], y.shape[-2:]
     stride = hi_ // h
@@ -537,7 +539,7 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
                 xq, xf = _inputs(qmodel, unit.q, images), _inputs(fmodel, unit.f, images)
             with torch.no_grad():
                 targets = [_value(unit.f(x)).detach() for x in xf]
-            window = _window(unit.f, xf[0], config.crop) if config.crop > 0 else None
+            window = _window(unit.f, xf[0], config.crop)
             report["units"].append(_fit(unit, xq, targets, weights, config, rng, bar, window))
             if window is not None:
                 report["units"][-1]["window"] = [*window.side, window.margin]
