@@ -116,7 +116,7 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         + (", asymmetric weights (zero points)" if report.get("weight_grid", "").startswith("asym") else "")
         + _weight_solver(q)
         + (", block reconstruction" if "reconstruction" in report else "")
-        + (", bias correction" if q.get("bias_correction") else "")
+        + (", bias correction" if report.get("bias_correction", q.get("bias_correction")) else "")
         + (", residual adds not quantized" if report.get("residual_adds_in_float") else "")
     )
     if base:

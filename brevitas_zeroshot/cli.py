@@ -325,7 +325,13 @@ def quantize(
         bool,
         typer.Option("--gpfq", help="GPFQ instead of GPTQ (brevitas); collapsed MobileNetV2 W4A8 (docs/method.md)."),
     ] = False,
-    bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction")] = True,
+    bias_correction: Annotated[
+        bool | None,
+        typer.Option(
+            "--bias-correction/--no-bias-correction",
+            help="brevitas: bias correction (default: on without reconstruction, off after it).",
+        ),
+    ] = None,
     graph: Annotated[str, typer.Option("--graph", help="brevitas: auto, fx or layerwise.")] = "auto",
     reconstruct: Annotated[
         bool | None,

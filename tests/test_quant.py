@@ -696,6 +696,43 @@ def test_learned_rounding_from_gptq_s_choice_can_flip_every_weight_where_the_rou
             assert moving < 0.1
 
 
+@pytest.mark.parametrize(
+    "kwargs, corrected, flips",
+    [
+        ({}, False, True),  # the default below 8 bits: flips from GPTQ's choice, no bias correction after them
+        ({"reconstruct": False}, True, None),  # nothing fits the blocks: bias correction runs
+        ({"learn_gptq_rounding": True, "bias_correction": True}, True, False),
+    ],
+)
+def test_reconstruction_learns_flips_from_gptq_s_choice_and_replaces_bias_correction_by_default(
+    monkeypatch, kwargs, corrected, flips
+):
+    from brevitas_zeroshot.quant import _brevitas
+    from brevitas_zeroshot.quant._registry import as_batches
+
+    model, cfg = random_r20()
+    batches = as_batches(create_calibration_set("gaussian", model, cfg, num_images=16).images, 16)
+    seen = {"corrected": False}
+    reconstruct, correct_biases = _brevitas.reconstruct, _brevitas.correct_biases
+
+    def spy_reconstruct(qmodel, batches, settings):
+        seen["flips"] = settings.gptq_flips
+        seen["unrounded"] = sum("bzq_unrounded" in m.__dict__ for m in qmodel.modules())
+        return reconstruct(qmodel, batches, settings)
+
+    def spy_correct_biases(qmodel, batches):
+        seen["corrected"] = True
+        correct_biases(qmodel, batches)
+
+    monkeypatch.setattr(_brevitas, "reconstruct", spy_reconstruct)
+    monkeypatch.setattr(_brevitas, "correct_biases", spy_correct_biases)
+    _, report = quantize(model, batches, BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=2, **kwargs))
+    assert report["bias_correction"] is corrected and seen["corrected"] is corrected
+    assert seen.get("flips") is flips
+    if flips is not None:  # both starts learn from the values GPTQ rounded, kept for them
+        assert seen["unrounded"] >= 19 and "reconstruction" in report
+
+
 def test_reconstruction_with_flip_learns_on_the_mirror_images_too(monkeypatch):
     from brevitas_zeroshot.quant import _reconstruct
 

@@ -59,7 +59,10 @@ class BrevitasConfig:
     # Qronos (Brevitas's GPFQ-family solver): each layer's rounding also corrects the error its quantized input
     # carries from the layers before it (GPTQ fits the quantized input only).
     qronos: bool = False
-    bias_correction: bool = True
+    # Bias correction after calibration and GPTQ. None: on unless reconstruction runs, which fits each block's output
+    # itself: after it, per-layer bias correction undid part of that fit (MobileNetV2 W4A4 tuning split: -5 to -17
+    # pt from the float start) and was level on the CIFAR ResNets (docs/method.md).
+    bias_correction: bool | None = None
     calib_batch_size: int = 32
     graph: str = "auto"  # "fx" (graph mode, BN merged), "layerwise", or "auto" (fx, else layerwise)
     reconstruct: bool | None = None  # block reconstruction after GPTQ (None: on below 8-bit activations)
@@ -83,7 +86,9 @@ class BrevitasConfig:
     learn_gptq_rounding: bool = False
     # Reconstruction after GPTQ starts each weight at GPTQ's rounding and may flip it to the other grid neighbour of
     # the value GPTQ rounded (every weight free to move either way; learn_gptq_rounding starts from the value itself).
-    learn_gptq_flips: bool = False
+    # None: on unless learn_gptq_rounding (cifar_resnet20 tuning split, 3 seeds: W4A4 80.73 -> 84.60, W3A3 71.80 ->
+    # 75.07, W2A4 level; docs/method.md).
+    learn_gptq_flips: bool | None = None
     # Quantize the inputs of a residual add whose sum is requantized before any layer (ResNets: add -> ReLU).
     # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
     # None: False below 8-bit activations (+3.7 pt at W4A4 on the tuning split, docs/method.md), True otherwise.
@@ -152,6 +157,14 @@ class BrevitasConfig:
     @property
     def use_reconstruction(self) -> bool:
         return self.a_bits < 8 if self.reconstruct is None else self.reconstruct
+
+    @property
+    def use_bias_correction(self) -> bool:
+        return not self.use_reconstruction if self.bias_correction is None else self.bias_correction
+
+    @property
+    def gptq_flips(self) -> bool:
+        return not self.learn_gptq_rounding if self.learn_gptq_flips is None else self.learn_gptq_flips
 
 
 def prepare_for_brevitas(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
@@ -611,7 +624,7 @@ def quantize_brevitas(
             config.gptq_act_order,
             keep_unrounded=config.use_reconstruction
             and config.weight_solver == "gptq"
-            and (config.learn_gptq_rounding or config.learn_gptq_flips),
+            and (config.learn_gptq_rounding or config.gptq_flips),
         )
     if config.use_reconstruction:
         start = time.perf_counter()
@@ -624,11 +637,12 @@ def quantize_brevitas(
             fisher=config.reconstruct_fisher,
             flip=config.reconstruct_flip,
             crop=config.reconstruct_crop,
-            gptq_flips=config.learn_gptq_flips,
+            gptq_flips=config.gptq_flips,
         )
         report["reconstruction"] = reconstruct(qmodel, batches, settings)
         report["reconstruction"]["seconds"] = round(time.perf_counter() - start, 2)
-    if config.bias_correction:
+    report["bias_correction"] = config.use_bias_correction
+    if config.use_bias_correction:
         correct_biases(qmodel, batches)
     return qmodel.eval(), report
 
