@@ -79,8 +79,8 @@ class BrevitasConfig:
     # about the window's area per step); 0: on whole images.
     reconstruct_crop: float = 0.0
     # Reconstruction after GPTQ learns whether to round each weight down or up from the value GPTQ rounded (its
-    # error-compensated float weight). False: from GPTQ's rounded weights, which sit on the grid, where the soft
-    # rounding starts at its clamp without a gradient (about 2 % of them can move, up). Off: with our images it
+    # error-compensated float weight), starting halfway from that value. False: from GPTQ's choice (learn_gptq_flips;
+    # with both off, from GPTQ's rounded weights, where about 2 % of the roundings can move). Off: with our images it
     # raised the KL to float on every cell and lost on cifar_resnet32; it helped real images and larger sets
     # (docs/method.md).
     learn_gptq_rounding: bool = False
