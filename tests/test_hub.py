@@ -115,6 +115,11 @@ def test_model_card_metadata_parses_with_huggingface_hub(quantized_dir, tmp_path
         "asymmetric weights (zero points), GPTQ (act_order), block reconstruction, "
         "bias correction, residual adds not quantized" in model_card(low, REPO).content
     )
+    meta["quantization"].update(bias_correction=None)  # today's default: the report says whether it ran
+    for ran, named in ((True, "block reconstruction, bias correction, residual"), (False, "reconstruction, residual")):
+        meta["report"].update(bias_correction=ran)
+        (low / "quant_config.json").write_text(json.dumps(meta))
+        assert named in model_card(low, REPO).content
     meta["quantization"].update(qronos=True)  # another solver: the card names it, and GPTQ no more
     (low / "quant_config.json").write_text(json.dumps(meta))
     card = model_card(low, REPO).content
