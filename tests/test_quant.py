@@ -620,6 +620,8 @@ def test_reconstruction_lowers_block_errors_reloads_and_exports(resnet20, graph,
     assert len(units) == (11 if graph == "fx" else 20)  # residual blocks + stem + head; or 19 convs + fc
     assert all(u["mse_after"] <= u["mse_before"] for u in units)  # never worse than round-to-nearest
     assert sum(u["mse_after"] for u in units) < 0.95 * sum(u["mse_before"] for u in units), units
+    assert all(u["seconds"] > 0 for u in units)
+    assert sum(u["seconds"] for u in units) <= report["reconstruction"]["seconds"]
     plain, _ = quantize(model, calib, BrevitasConfig(**{**config.__dict__, "reconstruct": False}))
     x = calib.images
     with torch.no_grad():

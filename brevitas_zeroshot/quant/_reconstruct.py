@@ -16,6 +16,7 @@ import copy
 import logging
 import operator
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -535,6 +536,7 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
                   "units": []}  # fmt: skip
         bar = progress(total=len(units) * config.iterations, desc="reconstruction", unit="it")
         for unit, weights in zip(units, fisher, strict=True):
+            start = time.perf_counter()
             if not chained:
                 xq, xf = _inputs(qmodel, unit.q, images), _inputs(fmodel, unit.f, images)
             with torch.no_grad():
@@ -547,6 +549,7 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
                 with torch.no_grad():
                     xq = [unit.q(x) for x in xq]
                 xf = targets
+            report["units"][-1]["seconds"] = round(time.perf_counter() - start, 2)
         bar.close()
     finally:
         float_mode.__exit__(None, None, None)
