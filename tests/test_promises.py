@@ -107,14 +107,14 @@ def test_generate_overwrite_replaces_its_own_set_only_once_the_new_one_is_comple
         calls.append(1)
         return original(self, *args, **kwargs)
 
-    original = Synthesiser._synthesise_batch
-    monkeypatch.setattr(Synthesiser, "_synthesise_batch", interrupted)
+    original = Synthesiser._synthesise_batches
+    monkeypatch.setattr(Synthesiser, "_synthesise_batches", interrupted)
     new = Synthesiser(net, cfg, "cpu", num_images=8, batch_size=4, iterations=1, seed=5)
     with pytest.raises(KeyboardInterrupt):
         new.generate(folder, overwrite=True)
     assert {k: v for k, v in snapshot(folder).items() if not k.startswith(".bzq-partial")} == old
     assert CalibrationSet.load(folder).meta["seed"] == 0  # the previous set is still whole
-    monkeypatch.setattr(Synthesiser, "_synthesise_batch", original)
+    monkeypatch.setattr(Synthesiser, "_synthesise_batches", original)
     result = new.generate(folder, overwrite=True)  # resumes the replacement, then swaps it in
     assert result.meta["seed"] == 5 and len(result) == 8
     assert (folder / "notes.txt").read_text() == "mine" and not (folder / ".bzq-partial").exists()

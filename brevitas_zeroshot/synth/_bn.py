@@ -53,35 +53,35 @@ def check_bn_statistics(layers: list[tuple[str, nn.Module]]) -> None:
 
 
 class _Moments(torch.autograd.Function):
-    """Per-channel mean and mean square of a channels-first tensor, with a one-pass backward.
+    """Per-channel mean and mean square of a channels-first tensor (of each of ``groups`` equal slices of its
+    images), with a one-pass backward.
 
     About 20x cheaper than ``torch.var_mean`` over (N, H, W) forward and backward on CPU: the reductions are
     matrix-vector products over the channels-last layout, and the gradient is one fused multiply-add.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(x)
-        return _moments(x)
+        return _moments(x, groups)
 
     @staticmethod
     def backward(ctx, grad_mean: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return _moments_grad(x, grad_mean, grad_sq).to(x.dtype)
+        return _moments_grad(x, grad_mean, grad_sq).to(x.dtype), None
 
 
 class _NormWithMoments(torch.autograd.Function):
     """An eval-mode BatchNorm (``x * scale + shift`` per channel) that also returns the mean and mean square of
-    its input. Its backward is one fused pass on the CPU for fp32 or bf16 channels-last activations (``_bn_cpu``),
-    torch ops otherwise (BN's own backward alone is slower than them on the CPU)."""
+    its input (of each of ``groups`` equal slices of its images). ``scale`` and ``shift`` come shaped and cast for
+    ``x``. Its backward is one fused pass on the CPU for fp32 or bf16 channels-last activations (``_bn_cpu``), torch
+    ops otherwise (BN's own backward alone is slower than them on the CPU)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
-        ctx.fused = _fusable(x)
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-        scale = scale.view(shape).to(x.dtype)
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, groups: int = 1):
+        ctx.fused = _fusable(x) if groups == 1 else None
         ctx.save_for_backward(x, scale)
-        return (torch.addcmul(shift.view(shape).to(x.dtype), x, scale), *_moments(x))
+        return (torch.addcmul(shift, x, scale), *_moments(x, groups))
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor, grad_mean: torch.Tensor, grad_sq: torch.Tensor):
@@ -89,9 +89,9 @@ class _NormWithMoments(torch.autograd.Function):
         if ctx.fused:
             grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)  # copies only if it is not
             grad = ctx.fused.norm_moments_backward(x, grad_y, scale.float().flatten(), grad_mean, grad_sq)
-            return grad, None, None
+            return grad, None, None, None
         grad = _moments_grad(x, grad_mean, grad_sq)
-        return torch.addcmul(grad, grad_y.float(), scale.float()).to(x.dtype), None, None
+        return torch.addcmul(grad, grad_y.float(), scale.float()).to(x.dtype), None, None, None
 
 
 def _fusable(x: torch.Tensor):
@@ -104,30 +104,46 @@ def _fusable(x: torch.Tensor):
     return kernels()
 
 
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    fused = _fusable(x)
+def _moments(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and mean square: ``(C,)`` each, or ``(groups, C)`` over equal slices of the images."""
+    fused = _fusable(x) if groups == 1 else None
     if fused:
         return tuple(fused.moments(x))
     flat = x.movedim(1, -1).reshape(-1, x.shape[1]).float()  # a view for channels-last activations
-    weights = flat.new_full((flat.shape[0],), 1.0 / flat.shape[0])
+    if groups > 1:
+        flat = flat.view(groups, -1, x.shape[1])
+    weights = flat.new_full((flat.shape[-2],), 1.0 / flat.shape[-2])
     return weights @ flat, weights @ (flat * flat)
 
 
 def _moments_grad(x: torch.Tensor, grad_mean: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
-    n = x.numel() // x.shape[1]
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    return torch.addcmul((grad_mean / n).view(shape), x.float(), (grad_sq * (2.0 / n)).view(shape))
+    groups = grad_mean.shape[0] if grad_mean.dim() == 2 else 1
+    n = x.numel() // x.shape[1] // groups
+    shape = (groups, 1, x.shape[1]) + (1,) * (x.dim() - 2)
+    xs = x.view(groups, -1, *x.shape[1:]).float()
+    return torch.addcmul((grad_mean / n).view(shape), xs, (grad_sq * (2.0 / n)).view(shape)).flatten(0, 1)
 
 
-def _fused_forward(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, stats: "BNStatistics", index: int):
-    """Eval-mode forward of a BN layer (timm's BatchNormAct2d included) that also records its input statistics."""
+def _affine(module: nn.modules.batchnorm._BatchNorm, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BN as ``x * scale + shift``, shaped and cast for ``like``."""
     scale = torch.rsqrt(module.running_var + module.eps)
     if module.weight is not None:
         scale = scale * module.weight
     shift = -module.running_mean * scale
     if module.bias is not None:
         shift = shift + module.bias
-    y, mean, sq = _NormWithMoments.apply(x, scale.detach(), shift.detach())
+    shape = (1, like.shape[1]) + (1,) * (like.dim() - 2)
+    return scale.detach().view(shape).to(like.dtype), shift.detach().view(shape).to(like.dtype)
+
+
+def _fused_forward(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, stats: "BNStatistics", index: int):
+    """Eval-mode forward of a BN layer (timm's BatchNormAct2d included) that also records its input statistics."""
+    # The layer is frozen inside the context: its scale and shift are made once per dtype (seven kernel launches per
+    # layer and step less; the synthesis step on a GPU is bound by launches).
+    key = (index, x.dtype, x.dim())
+    if key not in stats._affine:
+        stats._affine[key] = _affine(module, x)
+    y, mean, sq = _NormWithMoments.apply(x, *stats._affine[key], stats.groups)
     stats._collected[index] = (mean, sq)
     if hasattr(module, "act") and hasattr(module, "drop"):  # timm BatchNormAct2d: norm, then drop, then act
         y = module.act(module.drop(y))
@@ -139,7 +155,9 @@ class BNStatistics:
 
     Inside the context, eval-mode BN layers run a fused forward that normalises and measures in one go (other BN
     variants are observed with a forward pre-hook). ``loss()`` then compares the collected batch statistics with the
-    running statistics of all layers at once (one vectorised expression, no Python loop over layers).
+    running statistics of all layers at once (one vectorised expression, no Python loop over layers). With
+    ``groups`` set to G, a pass of G equal groups of images is measured group by group: the moments are
+    ``(2, G, channels)`` and ``loss()`` gives each group's loss, so G groups cost one pass's kernel launches.
 
     Args:
         model: the float model (BN layers intact, eval mode).
@@ -157,6 +175,8 @@ class BNStatistics:
         self.kind = kind
         self._collected: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         self._handles, self._patched = [], []
+        self._affine: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.groups = 1
         if not self.layers:
             return
         mods = [m for _, m in self.layers]
@@ -179,6 +199,7 @@ class BNStatistics:
 
     def __enter__(self) -> "BNStatistics":
         self._collected = [None] * len(self.layers)
+        self._affine, self.groups = {}, 1
         for index, (_, m) in enumerate(self.layers):
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training:
                 m.forward = types.MethodType(functools.partial(_fused_forward, stats=self, index=index), m)
@@ -196,18 +217,19 @@ class BNStatistics:
         self._collected = [None] * len(self.layers)
 
     def _hook(self, module: nn.Module, args: tuple, index: int) -> None:
-        self._collected[index] = _Moments.apply(args[0])
+        self._collected[index] = _Moments.apply(args[0], self.groups)
 
     def moments(self) -> torch.Tensor:
-        """``(2, channels)``: the per-channel mean and mean square of every BN layer's input in the last forward pass
-        (all layers concatenated); clears them. Moments of several passes average into those of their union
-        (weighted by images), which is how a group larger than one pass is matched exactly."""
+        """``(2, channels)`` (``(2, groups, channels)`` with groups): the per-channel mean and mean square of every BN
+        layer's input in the last forward pass (all layers concatenated); clears them. Moments of several passes
+        average into those of their union (weighted by images), which is how a group larger than one pass is matched
+        exactly."""
         missing = [self.layers[i][0] for i, c in enumerate(self._collected) if c is None]
         if missing:
             self._collected = [None] * len(self.layers)
             raise RuntimeError(f"BN layers not called in the last forward: {', '.join(missing[:5])}")
-        mean = torch.cat([m for m, _ in self._collected])
-        sq = torch.cat([q for _, q in self._collected])
+        mean = torch.cat([m for m, _ in self._collected], dim=-1)
+        sq = torch.cat([q for _, q in self._collected], dim=-1)
         self._collected = [None] * len(self.layers)
         return torch.stack((mean, sq))
 
@@ -222,8 +244,9 @@ class BNStatistics:
         return (mean - self.run_mean) ** 2 + (var.sqrt() - self.run_var.sqrt()) ** 2
 
     def loss(self, moments: torch.Tensor | None = None) -> torch.Tensor:
-        """Weighted mean over layers of the per-layer mean channel distance (of ``moments``, or the last pass)."""
-        return (self.channel_loss(moments) * self.channel_weight).sum()
+        """Weighted mean over layers of the per-layer mean channel distance (of ``moments``, or the last pass): a
+        scalar, or one per group with groups."""
+        return (self.channel_loss(moments) * self.channel_weight).sum(-1)
 
     def per_layer(self, channel_loss: torch.Tensor) -> torch.Tensor:
         """Mean channel distance of each layer (for reports, not the hot loop)."""

@@ -64,7 +64,7 @@ def _summed(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _all_true(flag: torch.Tensor, world: int) -> bool:
-    """Whether ``flag`` holds in every process (so that all of them restart a batch, or none)."""
+    """Whether ``flag`` (a boolean scalar) holds in every process (so that all of them restart a batch, or none)."""
     return bool(_summed((~flag).int(), world) == 0)
 
 
@@ -216,6 +216,9 @@ class Synthesiser:
         device: ``cpu``, ``cuda``...; default CUDA when present. The forward runs in bf16 autocast on CUDA and on
             CPUs where it measures faster (``precision``), the statistics kept in fp32.
         source: the name recorded in the manifest (default ``gznq``, or ``bn-<loss>`` for another BN loss).
+        groups_per_pass: batches optimised together in one pass (speed only: each keeps its own statistics, random
+            draws and loss, so the set is the same to float tolerance). Default: on CUDA as many as fit in memory
+            (a step there costs kernel launches more than pixels), one elsewhere.
         **settings: any field of :class:`SynthesisConfig` (``num_images``, ``iterations``, ``batch_size``, ``seed``...).
 
     Example::
@@ -231,6 +234,7 @@ class Synthesiser:
         device: str | torch.device | None = None,
         config: SynthesisConfig | None = None,
         source: str | None = None,
+        groups_per_pass: int | None = None,
         **settings,
     ):
         unknown = set(settings) - {f.name for f in fields(SynthesisConfig)}
@@ -240,6 +244,9 @@ class Synthesiser:
         self.model = model
         self.data_config = data_config or resolve_data_config(model)
         self.device = resolve_device(device)
+        if groups_per_pass is not None and groups_per_pass < 1:
+            raise BzqError("groups_per_pass must be at least 1.")
+        self.groups_per_pass = groups_per_pass
         self.source = source or ("gznq" if self.config.bn_loss == "kl" else f"bn-{self.config.bn_loss}")
         self.bn_layers = find_bn_layers(model)
         check_bn_statistics(self.bn_layers)
@@ -313,8 +320,8 @@ class Synthesiser:
             bar = progress(
                 total=len(batches) * cfg.iterations, desc="synthesis", unit="it", disable=not show_progress or rank > 0
             )
+            pending = []
             for b in batches:
-                lo, hi = b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_images)
                 path = work / shard_name(b) if work is not None else None
                 if path is not None and path.exists():
                     try:
@@ -323,16 +330,20 @@ class Synthesiser:
                         continue
                     except BzqError as e:
                         _logger.warning("%s: making it again", e)
+                pending.append(b)
+            for run in self._passes(pending, stats):
+                spans = [(b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_images)) for b in run]
                 start = time.perf_counter()
-                x, summary = self._synthesise_batch(b, labels[lo:hi], stats, bar)
-                summary["seconds"] = round(time.perf_counter() - start, 3)
-                summary["precisions"] = self._precisions
-                if path is not None:
-                    if rank == 0:
-                        write_shard(path, x, labels[lo:hi], summary)
-                else:
-                    images.append(x.cpu())
-                    summaries.append(summary)
+                results = self._synthesise_batches(run, [labels[lo:hi] for lo, hi in spans], stats, bar)
+                seconds = (time.perf_counter() - start) / len(run)
+                for b, (lo, hi), (x, summary) in zip(run, spans, results, strict=True):
+                    summary.update(seconds=round(seconds, 3), precisions=self._precisions, batches_per_pass=len(run))
+                    if work is not None:
+                        if rank == 0:
+                            write_shard(work / shard_name(b), x, labels[lo:hi], summary)
+                    else:
+                        images.append(x.cpu())
+                        summaries.append(summary)
             bar.close()
         manifest["precision"] = self.precision
         if folder is None:
@@ -509,42 +520,87 @@ class Synthesiser:
             _logger.info("bf16 probe, %s-size step: %.3f s vs fp32 %.3f s; %s", k, bf16, fp32, chosen[k])
         return {"half": chosen["full"], **chosen}
 
-    def _synthesise_batch(
-        self, index: int, labels: torch.Tensor, stats: BNStatistics, bar
-    ) -> tuple[torch.Tensor, dict]:
-        lr = self.config.lr
+    def _passes(self, pending: list[int], stats: BNStatistics) -> list[list[int]]:
+        """``pending`` batches cut into runs synthesised in one pass each: consecutive batches of one size, as many as
+        ``groups_per_pass`` allows. On CUDA (auto) that is as many as fit in the free memory at full size: a step
+        there is bound by kernel launches, not pixels, so G batches in one pass cost little more than one
+        (docs/results.md). Elsewhere, under torchrun and with ``micro_batch``, one batch per pass."""
+        cfg = self.config
+        if not pending or cfg.micro_batch or _distributed()[1] > 1:
+            most = 1
+        elif self.groups_per_pass is not None:
+            most = self.groups_per_pass
+        elif self.device.type == "cuda":
+            n, side = min(cfg.batch_size, cfg.num_images), tuple(self.data_config["input_size"][1:])
+            most = max(1, self._pass_size(n * len(pending), side, stats, self._autocast()) // n)
+        else:
+            most = 1
+        runs: list[list[int]] = []
+
+        def size(b: int) -> int:
+            return min(cfg.batch_size, cfg.num_images - b * cfg.batch_size)
+
+        for b in pending:
+            if runs and len(runs[-1]) < most and runs[-1][-1] == b - 1 and size(runs[-1][0]) == size(b):
+                runs[-1].append(b)
+            else:
+                runs.append([b])
+        return runs
+
+    def _synthesise_batches(
+        self, indices: list[int], labels: list[torch.Tensor], stats: BNStatistics, bar
+    ) -> list[tuple[torch.Tensor, dict]]:
+        """Synthesise the batches ``indices`` in one pass; a batch whose loss turns non-finite is made again (only it,
+        the others are done) with half the learning rate, up to ``max_restarts`` times."""
+        lr, done, todo = self.config.lr, {}, list(indices)
         for attempt in range(self.config.max_restarts + 1):
-            x, summary = self._optimise(index, labels, stats, bar, lr)
-            if x is not None:
-                summary["restarts"] = attempt
-                return x, summary
-            _logger.warning("batch %d: loss became non-finite; restarting it with lr %.3g", index, lr / 2)
+            results = self._optimise(todo, [labels[indices.index(b)] for b in todo], stats, bar, lr)
+            for b, (x, summary) in zip(todo, results, strict=True):
+                if x is not None:
+                    done[b] = (x, {**summary, "restarts": attempt})
+            todo = [b for b in todo if b not in done]
+            if not todo:
+                return [done[b] for b in indices]
+            for b in todo:
+                _logger.warning("batch %d: loss became non-finite; restarting it with lr %.3g", b, lr / 2)
             lr /= 2
         raise BzqError(
-            f"batch {index}: the loss stayed non-finite after {self.config.max_restarts} restarts; try a lower --lr."
+            f"batch {todo[0]}: the loss stayed non-finite after {self.config.max_restarts} restarts; try a lower --lr."
         )
 
-    def _optimise(self, index, labels, stats, bar, lr) -> tuple[torch.Tensor | None, dict]:
-        cfg, dev = self.config, self.device
-        n = labels.numel()
+    def _optimise(self, indices, labels, stats, bar, lr) -> list[tuple[torch.Tensor | None, dict]]:
+        """Optimise the batches ``indices`` (of equal size) together: their images in one pass, each batch's
+        statistics, random draws and loss its own (``stats.groups``), so each comes out as it would alone (to float
+        tolerance). A batch whose loss turns non-finite comes back as None."""
+        stats.groups = len(indices)
+        try:
+            return self._optimise_groups(indices, labels, stats, bar, lr)
+        finally:
+            stats.groups = 1
+
+    def _optimise_groups(self, indices, labels, stats, bar, lr) -> list[tuple[torch.Tensor | None, dict]]:
+        cfg, dev, groups = self.config, self.device, len(indices)
+        n = labels[0].numel()
         slots = -(-n // cfg.draws)
         c, h, w = self.data_config["input_size"]
-        seed = cfg.seed * 1_000_003 + index  # the same batch whatever else is generated (resume, several ranks)
-        gen = torch.Generator(dev).manual_seed(seed)
-        rng = random.Random(seed)
+        seeds = [cfg.seed * 1_000_003 + b for b in indices]  # a batch is the same whatever else is generated
+        gens = [torch.Generator(dev).manual_seed(seed) for seed in seeds]
+        rngs = [random.Random(seed) for seed in seeds]
         # Under torchrun each process optimises its share of the batch's images (whole slots); the statistics are
         # those of the whole batch (all-reduced). Every process draws the whole batch's random numbers and keeps
-        # its share, so the images do not depend on the number of processes (to float tolerance).
+        # its share, so the images do not depend on the number of processes (to float tolerance). (One batch per
+        # pass there.)
         rank, world = _distributed()
         s0, s1 = slots * rank // world, slots * (rank + 1) // world
         i0, i1 = min(s0 * cfg.draws, n), min(s1 * cfg.draws, n)
-        target = labels.to(dev)[i0:i1]
+        target = torch.cat([t.to(dev)[i0:i1] for t in labels])
         pad = cfg.canvas
         switch = round(cfg.low_res * cfg.iterations)  # the first full-size step
         # Until `switch` the images are learned at half their side: every per-pixel cost (sampling, Adam, the
         # augmentation), not only the model's, is a quarter; then they are upsampled and refined at full size.
         side, margin = ((h // 2, w // 2), pad // 2) if switch else ((h, w), pad)
-        mean = self._init_images((slots, c, side[0] + 2 * margin, side[1] + 2 * margin), gen)[s0:s1]
+        shape = (slots, c, side[0] + 2 * margin, side[1] + 2 * margin)
+        mean = torch.cat([self._init_images(shape, gen)[s0:s1] for gen in gens])
         mean = torch.max(torch.min(mean, self.high), self.low).contiguous(memory_format=torch.channels_last)
         params = [mean.requires_grad_()]
         distribution = cfg.parameterization == "distribution"
@@ -552,8 +608,8 @@ class Synthesiser:
             params.append(torch.full_like(mean, math.log(cfg.init_std)).requires_grad_())
         fused = dev.type in ("cpu", "cuda")  # one pass: 2x cheaper on the CPU
         opt = torch.optim.Adam(params, lr=lr, fused=fused)
-        history = torch.zeros(cfg.iterations + 1, device=dev)
-        finite = torch.ones((), dtype=torch.bool, device=dev)
+        history = torch.zeros(cfg.iterations + 1, groups, device=dev)
+        finite = torch.ones(groups, dtype=torch.bool, device=dev)
         amp = self._autocast(half_size=bool(switch))
 
         def blur_kernel(scale: int) -> torch.Tensor | None:
@@ -564,8 +620,10 @@ class Synthesiser:
         def sample() -> torch.Tensor:
             mean = params[0]
             if distribution:
-                eps = torch.randn((slots, cfg.draws, *mean.shape[1:]), generator=gen, device=dev)[s0:s1]
-                x = (mean[:, None] + params[1].exp()[:, None] * eps).flatten(0, 1)[: i1 - i0]  # slot-major, as labels
+                eps = [torch.randn((slots, cfg.draws, *mean.shape[1:]), generator=g, device=dev)[s0:s1] for g in gens]
+                eps = eps[0] if groups == 1 else torch.cat(eps)
+                x = (mean[:, None] + params[1].exp()[:, None] * eps).flatten(0, 1)  # slot-major, as labels
+                x = x if groups > 1 else x[: i1 - i0]  # (batches passed together are whole: no partial slot)
             else:
                 x = mean
             if blur is not None:
@@ -590,64 +648,98 @@ class Synthesiser:
                         "exp_avg_sq": _upsampled(s["exp_avg_sq"], size, 1 / 16),
                     }
 
-        size = self._pass_size(i1 - i0, side, stats, amp)
+        def pass_size() -> int:  # several batches per pass only where they fit whole (see _passes)
+            return self._pass_size(i1 - i0, side, stats, amp) if groups == 1 else groups * n
+
+        def per_batch(x: torch.Tensor, fn) -> torch.Tensor:
+            """``fn(images, rng)`` applied to each batch's images with its own random draws."""
+            if groups == 1:
+                return fn(x, rngs[0])
+            return torch.cat([fn(part, rng) for part, rng in zip(x.chunk(groups), rngs, strict=True)])
+
+        def window(x: torch.Tensor, rng: random.Random) -> torch.Tensor:  # drawn in Python: no device sync
+            top, left = rng.randint(0, 2 * margin), rng.randint(0, 2 * margin)
+            return x[..., top : top + side[0], left : left + side[1]]
+
+        augments = cfg.flip or cfg.jitter or cfg.crop_scale < 1
+        size = pass_size()
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(switch or cfg.iterations, 1))
         for step in range(cfg.iterations):
             if step == switch and step:
                 full_size()
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations - switch)
-                size = self._pass_size(i1 - i0, side, stats, amp)
+                size = pass_size()
             x = sample()
-            if margin:  # one random window for the whole batch (drawn in Python: no device sync)
-                top, left = rng.randint(0, 2 * margin), rng.randint(0, 2 * margin)
-                x = x[..., top : top + side[0], left : left + side[1]]
+            if margin:  # one random window for each batch
+                x = per_batch(x, window)
             opt.zero_grad(set_to_none=True)
-            xa = self._augment(x, rng)
+            xa = per_batch(x, self._augment) if augments else x
             if world > 1 or size < len(xa):
                 loss, bn = self._group_backward(x, xa, target, stats, amp, n, size)
+                rest = loss
             else:
                 with amp:
                     logits = self.model(xa)
-                bn = stats.loss()
-                loss = cfg.bn_weight * bn + self._image_terms(x, logits, target)
+                bn = stats.loss()  # one per batch with several batches
+                # means over all the images; times the batches, the sum of the batches' own
+                rest = groups * self._image_terms(x, logits, target)
+                loss = cfg.bn_weight * bn.sum() + rest
                 loss.backward()
             opt.step()
             sched.step()
             with torch.no_grad():
                 params[0].copy_(torch.max(torch.min(params[0], self.high), self.low))
                 history[step] = bn.detach()
-                finite &= torch.isfinite(loss)
+                finite &= torch.isfinite(bn)  # a batch's own, so that only it is made again
+                if torch.is_tensor(rest):
+                    finite &= torch.isfinite(rest)
             if step % 25 == 24 or step == cfg.iterations - 1:
-                if not _all_true(finite, world):
-                    bar.update(cfg.iterations - step - 1)
-                    return None, {}
-                bar.set_postfix(batch=index, bn=f"{bn.item():.4f}")
-            bar.update(1)
+                if not _all_true(finite.any(), world):  # a batch gone bad goes on (apart) until all have
+                    bar.update((cfg.iterations - step - 1) * groups)
+                    return [(None, {})] * groups
+                bar.set_postfix(batch=indices[0], bn=f"{bn.mean().item():.4f}")
+            bar.update(groups)
 
         if side != (h, w):  # every step was a half-size one
             full_size()
-            size = self._pass_size(i1 - i0, side, stats, amp)
+            size = pass_size()
         with torch.no_grad():
             x = sample().detach()[..., pad : pad + h, pad : pad + w]
             if cfg.smooth > 0:  # GPTQ and bias correction otherwise fit the pixel noise the BN loss leaves in
                 k = _gaussian_kernel(cfg.smooth, c, dev, radius=1)
                 x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k, groups=c)
-            moments, logits = self._group_moments(x.contiguous(memory_format=torch.channels_last), stats, amp, n, size)
+            x = x.contiguous(memory_format=torch.channels_last)
+            if groups == 1:
+                moments, logits = self._group_moments(x, stats, amp, n, size)
+            else:
+                with amp:
+                    logits = self.model(x)
+                moments = stats.moments()
             per_channel = stats.channel_loss(moments)
-            history[cfg.iterations] = (per_channel * stats.channel_weight).sum()
-            hits = (logits.float().argmax(1) == target).sum().float() if len(x) else torch.zeros((), device=dev)
+            history[cfg.iterations] = (per_channel * stats.channel_weight).sum(-1)
+            finite &= torch.isfinite(history[cfg.iterations])
+            hits = torch.zeros(groups, device=dev)
+            if len(x):
+                hits = (logits.float().argmax(1) == target).view(groups, -1).sum(1).float()
             hits = _summed(hits, world)
             x = _gathered(x, [min(slots * (r + 1) // world * cfg.draws, n) for r in range(world)], world)
-        self.history.append(history.cpu())
-        summary = {
-            "batch": index,
-            "bn_loss_start": float(history[0]) if cfg.iterations else float(history[-1]),
-            "bn_loss_final": float(history[-1]),
-            "bn_loss_per_layer": [round(float(v), 6) for v in stats.per_layer(per_channel)],
-            "bn_loss_trace": [round(v, 6) for v in history[::10].tolist()],  # every 10th step, for plots
-            "target_hit_rate": float(hits / n),
-        }
-        return x.contiguous().float().cpu(), summary
+        history, finite, per_channel = history.cpu(), finite.tolist(), per_channel.view(groups, -1)
+        results = []
+        for g, b in enumerate(indices):
+            if not finite[g]:
+                results.append((None, {}))
+                continue
+            self.history.append(history[:, g])
+            summary = {
+                "batch": b,
+                "bn_loss_start": float(history[0, g]) if cfg.iterations else float(history[-1, g]),
+                "bn_loss_final": float(history[-1, g]),
+                "bn_loss_per_layer": [round(float(v), 6) for v in stats.per_layer(per_channel[g])],
+                "bn_loss_trace": [round(v, 6) for v in history[::10, g].tolist()],  # every 10th step, for plots
+                "target_hit_rate": float(hits[g] / n),
+            }
+            results.append((x[g * n : (g + 1) * n].contiguous().float().cpu(), summary))
+        return results
 
     def _pass_size(self, images: int, side: tuple[int, int], stats: BNStatistics, amp) -> int:
         """Images per forward pass with a graph: ``micro_batch`` if set; else all ``images``, unless their graph would
