@@ -717,7 +717,6 @@ class Synthesiser:
                 moments = stats.moments()
             per_channel = stats.channel_loss(moments)
             history[cfg.iterations] = (per_channel * stats.channel_weight).sum(-1)
-            finite &= torch.isfinite(history[cfg.iterations])
             hits = torch.zeros(groups, device=dev)
             if len(x):
                 hits = (logits.float().argmax(1) == target).view(groups, -1).sum(1).float()
