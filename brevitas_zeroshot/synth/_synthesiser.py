@@ -216,9 +216,10 @@ class Synthesiser:
         device: ``cpu``, ``cuda``...; default CUDA when present. The forward runs in bf16 autocast on CUDA and on
             CPUs where it measures faster (``precision``), the statistics kept in fp32.
         source: the name recorded in the manifest (default ``gznq``, or ``bn-<loss>`` for another BN loss).
-        groups_per_pass: batches optimised together in one pass (speed only: each keeps its own statistics, random
-            draws and loss, so the set is the same to float tolerance). Default: on CUDA as many as fit in memory
-            (a step there costs kernel launches more than pixels), one elsewhere.
+        groups_per_pass: batches optimised together in one pass, for speed: each keeps its own statistics, random
+            draws and loss (the same images on the CPU; on a GPU, where kernels for another batch size sum in another
+            order, another draw of equal quality). Default: on CUDA as many as fit in memory (a step there costs
+            kernel launches more than pixels), one elsewhere.
         **settings: any field of :class:`SynthesisConfig` (``num_images``, ``iterations``, ``batch_size``, ``seed``...).
 
     Example::
