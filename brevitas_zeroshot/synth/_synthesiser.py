@@ -571,8 +571,9 @@ class Synthesiser:
 
     def _optimise(self, indices, labels, stats, bar, lr) -> list[tuple[torch.Tensor | None, dict]]:
         """Optimise the batches ``indices`` (of equal size) together: their images in one pass, each batch's
-        statistics, random draws and loss its own (``stats.groups``), so each comes out as it would alone (to float
-        tolerance). A batch whose loss turns non-finite comes back as None."""
+        statistics, random draws and loss its own (``stats.groups``): on the CPU each comes out as it would alone; on
+        a GPU, where other kernels sum in another order, as another draw of equal quality (docs/method.md). A batch
+        whose loss turns non-finite comes back as None."""
         stats.groups = len(indices)
         try:
             return self._optimise_groups(indices, labels, stats, bar, lr)
@@ -580,6 +581,7 @@ class Synthesiser:
             stats.groups = 1
 
     def _optimise_groups(self, indices, labels, stats, bar, lr) -> list[tuple[torch.Tensor | None, dict]]:
+        """The body of ``_optimise`` (which sets and resets ``stats.groups`` around it)."""
         cfg, dev, groups = self.config, self.device, len(indices)
         n = labels[0].numel()
         slots = -(-n // cfg.draws)
