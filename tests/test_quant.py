@@ -406,6 +406,50 @@ def test_relu6_gets_a_calibrated_range_keeps_its_clip_and_exports(tmp_path):
                          calib=calib, report=report)  # fmt: skip
 
 
+def test_activation_equalization_moves_a_massive_stream_channel_into_the_weights_exactly_and_reloads(tmp_path):
+    """MobileNetV2's stage-5 residual stream carries a few channels 10x past the rest; per-tensor 4-bit steps sized
+    for them leave the other channels a few levels. SmoothQuant-style equalization shrinks them, in float exactly."""
+    from brevitas.graph.quantize import preprocess_for_quantize
+
+    from brevitas_zeroshot.quant._brevitas import _equalize_activations, prepare_for_brevitas
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
+    with torch.no_grad():
+        model.blocks[5][0].conv_pwl.weight[3].mul_(40)  # channel 3 of stage 5's residual stream: massive
+    cfg = resolve_data_config(model)
+    cfg["input_size"] = (3, 64, 64)
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    x = calib.images[:8]
+
+    def stream_peaks(net):  # per-channel max |x| of the stream where stage 6 reads it
+        seen = []
+        hook = net.get_submodule("blocks.6.0.conv_pw").register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        with torch.no_grad():
+            out = net(x)
+        hook.remove()
+        return seen[0].abs().amax((0, 2, 3)), out
+
+    graph = preprocess_for_quantize(prepare_for_brevitas(model, (3, 64, 64)), merge_bn=True, relu6_to_relu=False)
+    before, want = stream_peaks(graph)
+    assert _equalize_activations(graph, [calib.images], 0.5) >= 6  # the residual streams (ReLU6 blocks the rest)
+    after, got = stream_peaks(graph)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())  # the same function
+    spread = lambda p: (p.max() / p.median()).item()  # noqa: E731
+    assert spread(before) > 10 and spread(after) < spread(before) / 3, (spread(before), spread(after))
+
+    errors = {}
+    for alpha in (0.0, 0.5):
+        config = BrevitasConfig(w_bits=8, a_bits=4, reconstruct=False, act_equalization=alpha)
+        qmodel, report = quantize(model, calib, config)
+        assert (report.get("act_equalization", 0) >= 6) == (alpha > 0)
+        with torch.no_grad():
+            errors[alpha] = F.mse_loss(_value(qmodel(x)), model(x)).item()
+    assert errors[0.5] < errors[0.0], errors
+    _reloads_and_exports(qmodel, x, tmp_path, model_name="mobilenetv2_035", config=config, data_config=cfg,
+                         calib=calib, report=report)  # fmt: skip
+
+
 @pytest.mark.parametrize("graph", ["fx", "layerwise"])
 def test_depthwise_bits_apply_to_depthwise_convolutions_only(graph):
     model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
@@ -516,6 +560,7 @@ def test_files_without_frozen_weight_zero_points_reload_unchanged(tmp_path):
         dict(reconstruct_drop=1.0),
         dict(gpfq=True, qronos=True),
         dict(depthwise_weight_range="min"),
+        dict(act_equalization=1.5),
     ],
 )
 def test_impossible_brevitas_configs_are_refused(kwargs):
