@@ -448,6 +448,9 @@ def test_activation_equalization_moves_a_massive_stream_channel_into_the_weights
     assert errors[0.5] < errors[0.0], errors
     _reloads_and_exports(qmodel, x, tmp_path, model_name="mobilenetv2_035", config=config, data_config=cfg,
                          calib=calib, report=report)  # fmt: skip
+    config = BrevitasConfig(w_bits=8, a_bits=4, reconstruct=False, act_equalization=0.5, graph="layerwise")
+    _, report = quantize(model, calib, config)
+    assert "act_equalization" not in report and any("equalization skipped" in n for n in report["notes"])
 
 
 @pytest.mark.parametrize("graph", ["fx", "layerwise"])

@@ -328,8 +328,6 @@ def build_quant_model(
             _fx_failed(config, float_model, "trace", e, report)
     if graph is not None and config.act_equalization and batches is not None:
         report["act_equalization"] = _equalize_activations(graph, batches, config.act_equalization)
-    elif config.act_equalization and batches is not None:
-        report["notes"].append("activation equalization skipped: it needs graph mode")
     if graph is not None:
         layer_map = {k: v for k, v in COMPUTE_LAYER_MAP.items()}
         for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
@@ -374,6 +372,9 @@ def build_quant_model(
             graph = None
     if graph is None:
         model = prepare_for_brevitas(float_model, input_size)  # a fresh copy: a failed FX pass may have merged BN
+        if config.act_equalization and batches is not None:
+            report.pop("act_equalization", None)
+            report["notes"].append("activation equalization skipped: it needs graph mode")
         first, last = _edge_layers(model, float_model)
         edge = {id(model.get_submodule(n)) for n in (first, last) if n is not None} if hb else set()
         layer_map = dict(LAYERWISE_COMPUTE_LAYER_MAP)
