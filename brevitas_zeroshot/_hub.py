@@ -94,6 +94,11 @@ def _weight_solver(q: dict) -> str:
     return f", {name}" + (" (act_order)" if q.get("gptq_act_order") else "")
 
 
+def _equalization(q: dict) -> float:
+    """SmoothQuant's alpha the saved Brevitas config ran activation equalization with (its rule for the default)."""
+    return config_from_dict(BrevitasConfig, q).activation_equalization
+
+
 def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> dict:
     q, calib = meta["quantization"], meta.get("calibration", {})
     source = calib.get("source") or "unknown"
@@ -114,6 +119,7 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
         + (f", first/last layer {first_last}-bit" if q["backend"] == "brevitas" and first_last else "")
         + (f", depthwise convolutions {q['depthwise_bits']}-bit weights" if q.get("depthwise_bits") else "")
         + (", asymmetric weights (zero points)" if report.get("weight_grid", "").startswith("asym") else "")
+        + (f", activation equalization (α {_equalization(q)})" if report.get("act_equalization") else "")
         + _weight_solver(q)
         + (", block reconstruction" if "reconstruction" in report else "")
         + (", bias correction" if report.get("bias_correction", q.get("bias_correction")) else "")

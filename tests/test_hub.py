@@ -124,6 +124,9 @@ def test_model_card_metadata_parses_with_huggingface_hub(quantized_dir, tmp_path
     (low / "quant_config.json").write_text(json.dumps(meta))
     card = model_card(low, REPO).content
     assert "(zero points), Qronos (act_order), block reconstruction" in card and "GPTQ" not in card
+    meta["report"].update(weight_grid="symmetric, max steps", act_equalization=17)  # graph mode equalized 17 regions
+    (low / "quant_config.json").write_text(json.dumps(meta))
+    assert "8-bit weights, activation equalization (α 0.5), Qronos" in model_card(low, REPO).content
 
 
 def test_push_and_reload_through_a_local_hub(quantized_dir, tmp_path):

@@ -54,8 +54,10 @@ class BrevitasConfig:
     # SmoothQuant's alpha for Brevitas's activation equalization (graph mode; 0: off): each channel of a layer's
     # input is divided by (max|x|^alpha / max|w|^(1-alpha)), measured on the calibration set, and the layers that
     # write it and read it absorb the factor (exact in float). It moves outlier channels of the activations, such
-    # as the massive ones in MobileNetV2's stage-5 residual stream, into the weights (docs/method.md).
-    act_equalization: float = 0.0
+    # as the massive ones in MobileNetV2's stage-5 residual stream, into the weights. None: 0.5 below 8-bit
+    # activations (MobileNetV2 W4A4 tuning split, ours +10.4 pt, real images +10.0; cifar_resnet20 level;
+    # docs/method.md), 0 otherwise.
+    act_equalization: float | None = None
     gptq: bool | None = None  # None: on when w_bits < 8
     # GPTQ takes each layer's input channels in decreasing Hessian-diagonal order (Brevitas's act_order): tuning
     # splits, 3 seeds: MobileNetV2 W4A8 70.40 -> 73.33, cifar_resnet20 W4A4 79.20 -> 79.80 (docs/method.md).
@@ -125,7 +127,7 @@ class BrevitasConfig:
                 raise BzqError(f"{name} must be 'max' or 'mse', not {getattr(self, name)!r}.")
         if not 0 < self.act_percentile <= 100:
             raise BzqError("act_percentile must be in (0, 100].")
-        if not 0 <= self.act_equalization <= 1:
+        if self.act_equalization is not None and not 0 <= self.act_equalization <= 1:
             raise BzqError("act_equalization is SmoothQuant's alpha: 0 (off) to 1.")
         if self.reconstruct_iters < 1 or self.reconstruct_batch < 1:
             raise BzqError("reconstruct_iters and reconstruct_batch must be at least 1.")
@@ -139,6 +141,10 @@ class BrevitasConfig:
     @property
     def activation_range(self) -> str:
         return self.act_range or ("mse" if self.use_reconstruction else "percentile")
+
+    @property
+    def activation_equalization(self) -> float:
+        return (0.5 if self.a_bits < 8 else 0.0) if self.act_equalization is None else self.act_equalization
 
     @property
     def weight_steps(self) -> str:
@@ -326,8 +332,8 @@ def build_quant_model(
             )
         except Exception as e:
             _fx_failed(config, float_model, "trace", e, report)
-    if graph is not None and config.act_equalization and batches is not None:
-        report["act_equalization"] = _equalize_activations(graph, batches, config.act_equalization)
+    if graph is not None and config.activation_equalization and batches is not None:
+        report["act_equalization"] = _equalize_activations(graph, batches, config.activation_equalization)
     if graph is not None:
         layer_map = {k: v for k, v in COMPUTE_LAYER_MAP.items()}
         for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
@@ -372,7 +378,7 @@ def build_quant_model(
             graph = None
     if graph is None:
         model = prepare_for_brevitas(float_model, input_size)  # a fresh copy: a failed FX pass may have merged BN
-        if config.act_equalization and batches is not None:
+        if config.activation_equalization and batches is not None:
             report.pop("act_equalization", None)
             report["notes"].append("activation equalization skipped: it needs graph mode")
         first, last = _edge_layers(model, float_model)
@@ -630,9 +636,9 @@ def quantize_brevitas(
 ) -> tuple[nn.Module, dict]:
     """Quantize a copy of ``float_model`` with Brevitas, calibrated on ``calibration`` (any calibration data).
 
-    Steps: graph preprocessing (BN merge, equalisation), quantization, activation calibration, GPTQ (or GPFQ) on
-    the weights, block reconstruction (learned rounding and step sizes), bias correction. Every step iterates the
-    same calibration batches.
+    Steps: graph preprocessing (BN merge, weight and activation equalisation), quantization, activation
+    calibration, GPTQ (or GPFQ) on the weights, block reconstruction (learned rounding and step sizes), bias
+    correction. Every step iterates the same calibration batches.
     """
     config = config or BrevitasConfig()
     batches = as_batches(calibration, config.calib_batch_size)
