@@ -156,6 +156,23 @@ def test_timm_families_quantize_calibrate_and_run(name):
             assert report["graph"] == "fx", report
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_activation_equalization_keeps_every_family_s_float_function(name):
+    from brevitas.graph.quantize import preprocess_for_quantize
+
+    from brevitas_zeroshot.quant._brevitas import _equalize_activations, prepare_for_brevitas
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval() if name != "cifar_resnet20" else random_r20()[0]
+    size = (3, 32, 32) if name == "cifar_resnet20" else (3, 64, 64)
+    x = torch.randn(8, *size)
+    graph = preprocess_for_quantize(prepare_for_brevitas(model, size), merge_bn=True, relu6_to_relu=False)
+    equalized, regions = _equalize_activations(graph, [x], 0.5)
+    with torch.no_grad():
+        want, got = graph(x), equalized(x)
+    assert regions > 0 and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item()), name
+
+
 def test_unsupported_layers_are_named():
     class Net(nn.Module):
         def __init__(self):
@@ -406,7 +423,9 @@ def test_relu6_gets_a_calibrated_range_keeps_its_clip_and_exports(tmp_path):
                          calib=calib, report=report)  # fmt: skip
 
 
-def test_activation_equalization_moves_a_massive_stream_channel_into_the_weights_exactly_and_reloads(tmp_path):
+def test_activation_equalization_moves_a_massive_stream_channel_into_the_weights_exactly_and_reloads(
+    tmp_path, monkeypatch
+):
     """MobileNetV2's stage-5 residual stream carries a few channels 10x past the rest; per-tensor 4-bit steps sized
     for them leave the other channels a few levels. SmoothQuant-style equalization shrinks them, in float exactly."""
     from brevitas.graph.quantize import preprocess_for_quantize
@@ -432,8 +451,10 @@ def test_activation_equalization_moves_a_massive_stream_channel_into_the_weights
 
     graph = preprocess_for_quantize(prepare_for_brevitas(model, (3, 64, 64)), merge_bn=True, relu6_to_relu=False)
     before, want = stream_peaks(graph)
-    assert _equalize_activations(graph, [calib.images], 0.5) >= 6  # the residual streams (ReLU6 blocks the rest)
-    after, got = stream_peaks(graph)
+    equalized, regions = _equalize_activations(graph, [calib.images], 0.5)
+    assert regions >= 6  # the residual streams (ReLU6 blocks the rest)
+    assert torch.equal(stream_peaks(graph)[0], before)  # on a copy
+    after, got = stream_peaks(equalized)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())  # the same function
     spread = lambda p: (p.max() / p.median()).item()  # noqa: E731
     assert spread(before) > 10 and spread(after) < spread(before) / 3, (spread(before), spread(after))
@@ -451,6 +472,16 @@ def test_activation_equalization_moves_a_massive_stream_channel_into_the_weights
     config = BrevitasConfig(w_bits=8, a_bits=4, reconstruct=False, act_equalization=0.5, graph="layerwise")
     _, report = quantize(model, calib, config)
     assert "act_equalization" not in report and any("equalization skipped" in n for n in report["notes"])
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a region Brevitas cannot scale")
+
+    monkeypatch.setattr("brevitas.graph.equalize.activation_equalization_mode", fails)
+    config = BrevitasConfig(w_bits=8, a_bits=4, reconstruct=False)  # the default below 8 bits: 0.5
+    unequalized, report = quantize(model, calib, config)
+    assert "act_equalization" not in report and any("equalization failed (RuntimeError" in n for n in report["notes"])
+    with torch.no_grad():
+        assert F.mse_loss(_value(unequalized(x)), model(x)).item() == pytest.approx(errors[0.0], rel=1e-4)
 
 
 @pytest.mark.parametrize("graph", ["fx", "layerwise"])

@@ -333,7 +333,12 @@ def build_quant_model(
         except Exception as e:
             _fx_failed(config, float_model, "trace", e, report)
     if graph is not None and config.activation_equalization and batches is not None:
-        report["act_equalization"] = _equalize_activations(graph, batches, config.activation_equalization)
+        try:
+            graph, report["act_equalization"] = _equalize_activations(graph, batches, config.activation_equalization)
+        except Exception as e:  # the graph stays as it was: equalization works on a copy
+            note = f"activation equalization failed ({type(e).__name__}: {str(e)[:200]}); quantized without it"
+            report["notes"].append(note)
+            _logger.warning("%s", note)
     if graph is not None:
         layer_map = {k: v for k, v in COMPUTE_LAYER_MAP.items()}
         for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
@@ -405,18 +410,19 @@ def build_quant_model(
 
 
 @torch.no_grad()
-def _equalize_activations(graph: nn.Module, batches, alpha: float) -> int:
-    """Brevitas's activation equalization over the float graph, in place; returns how many regions it scaled.
+def _equalize_activations(graph: nn.Module, batches, alpha: float) -> tuple[nn.Module, int]:
+    """Brevitas's activation equalization over a copy of the float graph; returns it and how many regions it scaled.
 
     No multiplication node is added (``add_mul_node=False``): only regions whose sources and sinks can absorb the
     scale are equalized, so the graph keeps its structure and a saved model reloads from its state dict."""
     from brevitas.graph.equalize import activation_equalization_mode
 
+    graph = copy.deepcopy(graph)
     device = next(graph.parameters()).device
     with activation_equalization_mode(graph, alpha, add_mul_node=False, layerwise=False) as eq:
         for images in progress(batches, desc="activation equalization", unit="batch"):
             graph(images.to(device))
-    return sum(s.numel() > 1 for s in eq.scale_factors)
+    return graph, sum(s.numel() > 1 for s in eq.scale_factors)
 
 
 def _fx_failed(config: BrevitasConfig, model: nn.Module, step: str, e: Exception, report: dict) -> None:
