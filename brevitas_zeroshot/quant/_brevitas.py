@@ -335,6 +335,7 @@ def build_quant_model(
     if graph is not None and config.activation_equalization and batches is not None:
         try:
             graph, report["act_equalization"] = _equalize_activations(graph, batches, config.activation_equalization)
+            edge = {id(m) for n, m in graph.named_modules() if n in (first, last)} if hb else set()  # the copy's
         except Exception as e:  # the graph stays as it was: equalization works on a copy
             note = f"activation equalization failed ({type(e).__name__}: {str(e)[:200]}); quantized without it"
             report["notes"].append(note)
