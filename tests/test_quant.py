@@ -484,12 +484,15 @@ def test_activation_equalization_moves_a_massive_stream_channel_into_the_weights
         assert F.mse_loss(_value(unequalized(x)), model(x)).item() == pytest.approx(errors[0.0], rel=1e-4)
 
 
-@pytest.mark.parametrize("graph", ["fx", "layerwise"])
-def test_depthwise_bits_apply_to_depthwise_convolutions_only(graph):
+@pytest.mark.parametrize("graph,a_bits", [("fx", 8), ("fx", 4), ("layerwise", 8)])
+def test_depthwise_bits_apply_to_depthwise_convolutions_only(graph, a_bits):
+    """And the first and last layers keep first_last_bits, also in the activation-equalized copy (a_bits 4)."""
+    torch.manual_seed(0)
     model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
-    config = BrevitasConfig(w_bits=4, a_bits=8, depthwise_bits=8, graph=graph)
-    qmodel, report = build_quant_model(model, config, (3, 64, 64))
-    assert report["graph"] == graph
+    config = BrevitasConfig(w_bits=4, a_bits=a_bits, depthwise_bits=8, first_last_bits=6, graph=graph)
+    qmodel, report = build_quant_model(model, config, (3, 64, 64), batches=[torch.randn(4, 3, 64, 64)])
+    assert report["graph"] == graph and bool(report.get("act_equalization")) == (a_bits < 8)
+    assert int(qmodel.conv_stem.quant_weight().bit_width) == int(qmodel.classifier.quant_weight().bit_width) == 6
     bits = {
         n: (m.groups > 1, int(m.quant_weight().bit_width))
         for n, m in qmodel.named_modules()

@@ -315,8 +315,8 @@ def build_quant_model(
     report = {"graph": None, "notes": []}
     device = next(float_model.parameters()).device
     model = prepare_for_brevitas(float_model, input_size)
-    first, last = _edge_layers(model, float_model)
-    edge = {id(model.get_submodule(n)) for n in (first, last) if n is not None} if hb else set()
+    first, last = _edge_layers(model, float_model)  # names: the same in the FX graph and the layerwise copy
+    edge: set[int] = set()  # ids of the modules about to be quantized that keep first_last_bits, set below
 
     # Brevitas evaluates lambdas (only lambdas) in layer-map kwargs once per original module.
     dwb = config.depthwise_bits or wb
@@ -335,12 +335,12 @@ def build_quant_model(
     if graph is not None and config.activation_equalization and batches is not None:
         try:
             graph, report["act_equalization"] = _equalize_activations(graph, batches, config.activation_equalization)
-            edge = {id(m) for n, m in graph.named_modules() if n in (first, last)} if hb else set()  # the copy's
         except Exception as e:  # the graph stays as it was: equalization works on a copy
             note = f"activation equalization failed ({type(e).__name__}: {str(e)[:200]}); quantized without it"
             report["notes"].append(note)
             _logger.warning("%s", note)
     if graph is not None:
+        edge = {id(m) for n, m in graph.named_modules() if n in (first, last)} if hb else set()
         layer_map = {k: v for k, v in COMPUTE_LAYER_MAP.items()}
         for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
             qcls, kwargs = COMPUTE_LAYER_MAP[cls]
@@ -387,8 +387,7 @@ def build_quant_model(
         if config.activation_equalization and batches is not None:
             report.pop("act_equalization", None)
             report["notes"].append("activation equalization skipped: it needs graph mode")
-        first, last = _edge_layers(model, float_model)
-        edge = {id(model.get_submodule(n)) for n in (first, last) if n is not None} if hb else set()
+        edge = {id(m) for n, m in model.named_modules() if n in (first, last)} if hb else set()
         layer_map = dict(LAYERWISE_COMPUTE_LAYER_MAP)
         for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
             qcls, kwargs = LAYERWISE_COMPUTE_LAYER_MAP[cls]
