@@ -2,6 +2,7 @@ import contextlib
 import copy
 import itertools
 import json
+import logging
 import warnings
 
 import pytest
@@ -836,6 +837,17 @@ def test_reconstruction_with_flip_learns_on_the_mirror_images_too(monkeypatch):
     assert torch.equal(seen[False], calib.images)
     assert torch.equal(seen[True], torch.cat([calib.images, calib.images.flip(-1)]))
     assert len(report["reconstruction"]["units"]) == 11
+
+
+def test_reconstruction_logs_a_line_per_unit_where_no_progress_bar_shows(caplog):
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=8)
+    with caplog.at_level(logging.INFO, logger="brevitas_zeroshot.quant._reconstruct"):
+        _, report = quantize(model, calib, BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=1))
+    lines = [m for m in caplog.messages if m.startswith("reconstruction ")]
+    units = report["reconstruction"]["units"]
+    assert len(lines) == len(units) == 11  # pytest's stderr is no terminal: the bar is off
+    assert lines[0].startswith(f"reconstruction 1/11 {units[0]['unit']}: error ")
 
 
 class _Draws:

@@ -535,7 +535,8 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
                   "crop": config.crop,
                   "units": []}  # fmt: skip
         bar = progress(total=len(units) * config.iterations, desc="reconstruction", unit="it")
-        for unit, weights in zip(units, fisher, strict=True):
+        log = _logger.debug if not bar.disable else _logger.info  # a line per unit where no bar shows progress
+        for i, (unit, weights) in enumerate(zip(units, fisher, strict=True)):
             start = time.perf_counter()
             if not chained:
                 xq, xf = _inputs(qmodel, unit.q, images), _inputs(fmodel, unit.f, images)
@@ -549,7 +550,10 @@ def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None 
                 with torch.no_grad():
                     xq = [unit.q(x) for x in xq]
                 xf = targets
-            report["units"][-1]["seconds"] = round(time.perf_counter() - start, 2)
+            done = report["units"][-1]
+            done["seconds"] = round(time.perf_counter() - start, 2)
+            log("reconstruction %d/%d %s: error %.4g -> %.4g in %.0f s", i + 1, len(units), unit.name,
+                done["mse_before"], done["mse_after"], done["seconds"])  # fmt: skip
         bar.close()
     finally:
         float_mode.__exit__(None, None, None)
