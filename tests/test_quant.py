@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -599,6 +600,7 @@ def test_files_without_frozen_weight_zero_points_reload_unchanged(tmp_path):
         dict(gpfq=True, qronos=True),
         dict(depthwise_weight_range="min"),
         dict(act_equalization=1.5),
+        dict(gptq=False, learn_gptq_flips=True),
     ],
 )
 def test_impossible_brevitas_configs_are_refused(kwargs):
@@ -800,10 +802,10 @@ def test_reconstruction_learns_flips_from_gptq_s_choice_and_replaces_bias_correc
     seen = {"corrected": False}
     reconstruct, correct_biases = _brevitas.reconstruct, _brevitas.correct_biases
 
-    def spy_reconstruct(qmodel, batches, settings):
+    def spy_reconstruct(qmodel, batches, settings, reference=None):
         seen["flips"] = settings.gptq_flips
         seen["unrounded"] = sum("bzq_unrounded" in m.__dict__ for m in qmodel.modules())
-        return reconstruct(qmodel, batches, settings)
+        return reconstruct(qmodel, batches, settings, reference)
 
     def spy_correct_biases(qmodel, batches):
         seen["corrected"] = True
@@ -816,6 +818,31 @@ def test_reconstruction_learns_flips_from_gptq_s_choice_and_replaces_bias_correc
     assert seen.get("flips") is flips
     if flips is not None:  # both starts learn from the values GPTQ rounded, kept for them
         assert seen["unrounded"] >= 19 and "reconstruction" in report
+
+
+@pytest.mark.parametrize("float_targets", [True, False])
+def test_reconstruction_after_gptq_targets_the_float_network_by_default(monkeypatch, float_targets):
+    from brevitas.graph.calibrate import quantization_status_manager
+
+    from brevitas_zeroshot.quant import _brevitas
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    reconstruct, seen = _brevitas.reconstruct, {}
+
+    def spy_reconstruct(qmodel, batches, settings, reference=None):
+        twin = copy.deepcopy(qmodel if reference is None else reference)  # what reconstruct fits the blocks to
+        off = dict(disable_act_quant=True, disable_weight_quant=True, disable_bias_quant=True, is_training=False)
+        with quantization_status_manager(twin, **off), torch.no_grad():
+            seen["gap"] = (twin(calib.images) - model(calib.images)).abs().max().item()
+        return reconstruct(qmodel, batches, settings, reference)
+
+    monkeypatch.setattr(_brevitas, "reconstruct", spy_reconstruct)
+    config = BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=1)
+    assert config.reconstruct_float_targets  # the default
+    quantize(model, calib, dataclasses.replace(config, reconstruct_float_targets=float_targets))
+    # the float logits (BN merged and equalized: equal up to float rounding), or those of GPTQ's 4-bit weights
+    assert (seen["gap"] < 1e-3) is float_targets, seen
 
 
 def test_reconstruction_with_flip_learns_on_the_mirror_images_too(monkeypatch):

@@ -507,14 +507,19 @@ def _fisher(units: list[_Unit], images: list[torch.Tensor], seed: int) -> list[l
     return squares
 
 
-def reconstruct(qmodel: nn.Module, batches, config: ReconstructionConfig | None = None) -> dict:
-    """Reconstruct every unit of the calibrated Brevitas model ``qmodel`` on ``batches``; returns a report."""
+def reconstruct(
+    qmodel: nn.Module, batches, config: ReconstructionConfig | None = None, reference: nn.Module | None = None
+) -> dict:
+    """Reconstruct every unit of the calibrated Brevitas model ``qmodel`` on ``batches``; returns a report.
+
+    The targets are ``qmodel``'s own weights with quantization off, or ``reference``'s (a copy of ``qmodel`` taken
+    before GPTQ rounded its weights: the float network's outputs)."""
     from brevitas.graph.calibrate import quantization_status_manager
 
     config = config or ReconstructionConfig()
     device = next(qmodel.parameters()).device
     qmodel.to(memory_format=torch.channels_last)  # faster convolutions (as in synthesis); undone at the end
-    fmodel = copy.deepcopy(qmodel).eval()
+    fmodel = (copy.deepcopy(qmodel) if reference is None else reference).to(memory_format=torch.channels_last).eval()
     float_mode = quantization_status_manager(fmodel, disable_act_quant=True, disable_weight_quant=True,
                                              disable_bias_quant=True, is_training=False)  # fmt: skip
     float_mode.__enter__()
