@@ -540,7 +540,7 @@ def reconstruct(
                   "crop": config.crop,
                   "units": []}  # fmt: skip
         bar = progress(total=len(units) * config.iterations, desc="reconstruction", unit="it")
-        log = _logger.debug if not bar.disable else _logger.info  # a line per unit where no bar shows progress
+        log = _logger.info if bar.disable else _logger.debug  # a line per unit where no bar shows progress
         for i, (unit, weights) in enumerate(zip(units, fisher, strict=True)):
             start = time.perf_counter()
             if not chained:
