@@ -664,9 +664,8 @@ def quantize_brevitas(
     if config.depthwise_weight_range not in (None, config.weight_steps):
         report["weight_grid"] += f" ({config.depthwise_weight_range} steps in depthwise convolutions)"
     report["weights_changed_by_gptq"] = 0.0
-    reference = None
-    if config.weight_solver and config.use_reconstruction and config.reconstruct_float_targets:
-        reference = copy.deepcopy(qmodel)  # the weights before the solver rounds them
+    float_targets = config.weight_solver and config.use_reconstruction and config.reconstruct_float_targets
+    reference = copy.deepcopy(qmodel) if float_targets else None  # the weights before the solver rounds them
     if config.weight_solver:
         report["weights_changed_by_gptq"] = optimise_weights(
             qmodel,
@@ -691,7 +690,6 @@ def quantize_brevitas(
             gptq_flips=config.gptq_flips,
         )
         report["reconstruction"] = reconstruct(qmodel, batches, settings, reference)
-        del reference
         report["reconstruction"]["seconds"] = round(time.perf_counter() - start, 2)
     report["bias_correction"] = config.use_bias_correction
     if config.use_bias_correction:

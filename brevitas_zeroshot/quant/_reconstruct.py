@@ -513,7 +513,7 @@ def reconstruct(
     """Reconstruct every unit of the calibrated Brevitas model ``qmodel`` on ``batches``; returns a report.
 
     The targets are ``qmodel``'s own weights with quantization off, or ``reference``'s (a copy of ``qmodel`` taken
-    before GPTQ rounded its weights: the float network's outputs)."""
+    before GPTQ rounded its weights: the float network's outputs), which this uses up."""
     from brevitas.graph.calibrate import quantization_status_manager
 
     config = config or ReconstructionConfig()
