@@ -1,11 +1,16 @@
 import contextlib
 import functools
+import hashlib
+import logging
+import os
 import platform
 import sys
 from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
+
+_logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -42,6 +47,32 @@ def cpu_flags() -> frozenset[str]:
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
         return frozenset(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
     return frozenset()
+
+
+def cpu_extension(name: str, source: str, what: str):
+    """C++ ``source`` built with torch's extension loader for this CPU (``-march=native``), or None where it cannot
+    be (``BZQ_NO_CPU_KERNELS=1``, no compiler or ninja, a failed build), so the caller falls back to torch ops.
+
+    The build's name includes the source and this CPU's flags, so a cache shared by machines never runs code built
+    for another CPU. The first build takes about a minute; later processes load it. Callers cache the result."""
+    if os.environ.get("BZQ_NO_CPU_KERNELS") == "1":
+        return None
+    digest = hashlib.sha1((source + " ".join(sorted(cpu_flags())) + torch.__version__).encode()).hexdigest()[:12]
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        _logger.info("loading the %s (built once per machine: about a minute)", what)
+        return load_inline(
+            f"{name}_{digest}",
+            cpp_sources=source,
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a failed build: torch ops do the same work, slower
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        _logger.warning("%s unavailable (%s); using torch ops", what, why)
+        return None
 
 
 def has_int8_dot_product() -> bool:

@@ -79,3 +79,24 @@ def have_cxx() -> bool:
     import shutil
 
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.fixture(params=["cpu_kernels", "torch_ops"])
+def cpu_kernels(request, monkeypatch):
+    """Our compiled CPU kernels (BN statistics, fake quantization), then the torch ops they replace where they cannot
+    be built."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    from brevitas_zeroshot.quant import _lsq_cpu
+    from brevitas_zeroshot.synth import _bn_cpu
+
+    caches = (_bn_cpu.kernels, _lsq_cpu.kernels)
+    for cache in caches:
+        cache.cache_clear()
+    if request.param == "torch_ops":
+        monkeypatch.setenv("BZQ_NO_CPU_KERNELS", "1")
+    elif not have_cxx() or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja on this machine: the kernels cannot be built (torch ops are used)")
+    yield request.param
+    for cache in caches:
+        cache.cache_clear()

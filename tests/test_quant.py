@@ -1043,7 +1043,7 @@ def test_qdrop_keeps_float_activations_at_its_rate_only_while_learning():
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_fused_learning_quantizer_gives_brevitas_values_and_gradients(signed):
+def test_fused_learning_quantizer_gives_brevitas_values_and_gradients(signed, cpu_kernels):
     import brevitas.nn as qnn
     from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 
@@ -1074,6 +1074,36 @@ def test_fused_learning_quantizer_gives_brevitas_values_and_gradients(signed):
     torch.testing.assert_close(fused[2], reference[2], rtol=1e-4, atol=1e-5)  # LSQ step-size gradient
     assert fused[1].eq(0).any() and fused[1].ne(0).any()
     assert type(act.act_quant.fused_activation_quant_proxy.tensor_quant).__name__ == "RescalingIntQuant"
+
+
+@pytest.mark.parametrize("lo,hi,zero_point", [(0, 15, 0.0), (-8, 7, 0.0), (0, 255, 37.0)])
+def test_fake_quantize_gives_torch_s_values_and_gradients(lo, hi, zero_point, cpu_kernels):
+    """Reconstruction's fake quantization (our fused kernel on the CPU, torch's op where it cannot be built) against
+    torch's learnable per-tensor op: the same values and input gradient, the step's gradient to summation order; on
+    channels-last activations whose gradient comes in another memory order, beyond both ends of the grid."""
+    from brevitas_zeroshot.quant import _lsq_cpu
+
+    assert (_lsq_cpu.kernels() is not None) == (cpu_kernels == "cpu_kernels"), "a compiler is here: it must build"
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 48, 13, 11, generator=g) * (hi - lo) / 5).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(4, 48, 13, 11, generator=g)  # contiguous: another memory order than x
+    z = torch.tensor([zero_point])
+
+    def run(fn):
+        inp, step = x.clone().requires_grad_(), torch.tensor([0.37], requires_grad=True)
+        out = fn(inp, step, z, lo, hi)
+        out.backward(dy)
+        return out.detach(), inp.grad, step.grad, type(out.grad_fn).__name__
+
+    def reference(inp, step, z, lo, hi):
+        return torch._fake_quantize_learnable_per_tensor_affine(inp, step, z, lo, hi, 1.0)
+
+    ours, theirs = run(_lsq_cpu.fake_quantize), run(reference)
+    assert (ours[3] == "_FakeQuantizeBackward") == (cpu_kernels == "cpu_kernels")  # the kernel ran where built
+    assert torch.equal(ours[0], theirs[0])
+    assert torch.equal(ours[1], theirs[1])
+    assert ours[1].eq(0).any() and ours[1].ne(0).any()  # some clamped, some inside
+    torch.testing.assert_close(ours[2], theirs[2], rtol=1e-5, atol=1e-4)
 
 
 def test_residual_adds_in_float_keep_every_layer_input_quantized_reload_and_export(tmp_path):

@@ -8,9 +8,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import have_cxx, random_r20
+from conftest import random_r20
 from torch import nn
-from torch.utils.cpp_extension import is_ninja_available
 
 from brevitas_zeroshot import BzqError, create_loader, load_model
 from brevitas_zeroshot.synth import (
@@ -350,25 +349,12 @@ def test_low_pass_makes_smoother_images(r20):
     assert roughness(smooth.images) < 0.7 * roughness(sharp.images)
 
 
-@pytest.fixture(params=["cpu_kernels", "torch_ops"])
-def bn_kernels(request, monkeypatch):
-    """The BN statistics' compiled CPU kernels, then the torch ops they replace where they cannot be built."""
-    _bn_cpu.kernels.cache_clear()
-    if request.param == "torch_ops":
-        monkeypatch.setenv("BZQ_NO_CPU_KERNELS", "1")
-    elif not have_cxx() or not is_ninja_available():
-        pytest.skip("no C++ compiler or no ninja on this machine: the kernels cannot be built (torch ops are used)")
-    else:
-        assert _bn_cpu.kernels() is not None, "a C++ compiler and ninja are here, but the kernels did not build"
-    yield request.param
-    _bn_cpu.kernels.cache_clear()
-
-
 @pytest.mark.parametrize("name", ["cifar_resnet20", "tf_efficientnet_lite0"])
 @pytest.mark.parametrize("kind", ["kl", "l2"])
-def test_fused_bn_statistics_match_a_plain_reference(name, kind, bn_kernels):
+def test_fused_bn_statistics_match_a_plain_reference(name, kind, cpu_kernels):
     """The fused BN forward and its hand-written backward (compiled kernels or torch ops) give the model's outputs
     and the loss gradient that plain torch ops (BN untouched, torch.var_mean in hooks) give."""
+    assert (_bn_cpu.kernels() is not None) == (cpu_kernels == "cpu_kernels"), "a compiler is here: they must build"
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     for m in model.modules():
@@ -406,14 +392,14 @@ def test_fused_bn_statistics_match_a_plain_reference(name, kind, bn_kernels):
     torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4)
 
 
-def test_fused_bn_statistics_take_bf16_activations(bn_kernels):
+def test_fused_bn_statistics_take_bf16_activations(cpu_kernels):
     """Under bf16 autocast the BN layers see bf16 activations: the kernels take them too (float arithmetic), and
     the moments and input gradient are those of a float reference on the same values."""
     from brevitas_zeroshot.synth._bn import _fusable, _NormWithMoments
 
     torch.manual_seed(0)
     x = (torch.randn(4, 24, 9, 11) * 2 + 0.5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    assert (_fusable(x) is not None) == (bn_kernels == "cpu_kernels")
+    assert (_fusable(x) is not None) == (cpu_kernels == "cpu_kernels")
     scale, shift = torch.rand(24) + 0.5, torch.randn(24)
     gy, gm, gs = torch.randn(4, 24, 9, 11), torch.randn(24), torch.randn(24)
 

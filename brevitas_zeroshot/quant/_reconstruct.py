@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._utils import progress
+from ._lsq_cpu import fake_quantize
 
 __all__ = ["ReconstructionConfig", "reconstruct"]
 
@@ -255,13 +256,13 @@ def _scale_parameters(unit: nn.Module) -> list[nn.Parameter]:
 
 
 class _Fused(nn.Module):
-    """Brevitas's per-tensor integer activation quantizer through torch's fused LSQ kernel, for learning.
+    """Brevitas's per-tensor integer activation quantizer through a fused LSQ kernel, for learning.
 
     The step size, zero point and bit width come from the wrapped quantizer's own modules (so its parameters are
     the ones learned); quantize-clamp-dequantize and the gradients of input and step size are one kernel instead of
-    Brevitas's chain of elementwise passes. The gradients are the ones autograd takes through Brevitas's straight-
-    through rounding and clamp; values can differ from Brevitas's where x / step lands within a rounding error of
-    .5, since the kernel multiplies by the inverse step.
+    Brevitas's chain of elementwise passes (torch's, or ours on the CPU: ``_lsq_cpu``). The gradients are the ones
+    autograd takes through Brevitas's straight-through rounding and clamp; values can differ from Brevitas's where
+    x / step lands within a rounding error of .5, since the kernel multiplies by the inverse step.
     """
 
     def __init__(self, quant: nn.Module):
@@ -279,8 +280,7 @@ class _Fused(nn.Module):
             self.per_channel = True
             return q(x)
         lo, hi = int(q.int_quant.min_int(bit_width)), int(q.int_quant.max_int(bit_width))
-        y = torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1), lo, hi, 1.0)
-        return y, scale, zero_point, bit_width
+        return fake_quantize(x, scale, zero_point, lo, hi), scale, zero_point, bit_width
 
     @staticmethod
     def fits(quant: nn.Module) -> bool:

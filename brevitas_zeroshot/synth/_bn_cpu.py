@@ -7,17 +7,10 @@ slower): per-pixel work that costs a large share of a synthesis step at half res
 """
 
 import functools
-import hashlib
-import logging
-import os
 
-import torch
-
-from .._utils import cpu_flags
+from .._utils import cpu_extension
 
 __all__ = ["kernels"]
-
-_logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -123,24 +116,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 @functools.cache
 def kernels():
-    """The compiled kernels, or None (``BZQ_NO_CPU_KERNELS=1``, or no compiler). Built for this CPU's instruction set
-    (``-march=native``): the build's name includes the CPU's flags, so a cache shared by machines never runs code
-    built for another CPU. The first build takes about a minute; later processes load it."""
-    if os.environ.get("BZQ_NO_CPU_KERNELS") == "1":
-        return None
-    digest = hashlib.sha1((_SOURCE + " ".join(sorted(cpu_flags())) + torch.__version__).encode()).hexdigest()[:12]
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        _logger.info("loading the fused BN statistics kernels (built once per machine: about a minute)")
-        return load_inline(
-            f"bzq_bn_cpu_{digest}",
-            cpp_sources=_SOURCE,
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, no ninja, a failed build: torch ops do the same work, slower
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        _logger.warning("fused BN statistics kernels unavailable (%s); using torch ops", why)
-        return None
+    """The compiled kernels, or None (``BZQ_NO_CPU_KERNELS=1``, or no compiler): see :func:`cpu_extension`."""
+    return cpu_extension("bzq_bn_cpu", _SOURCE, "fused BN statistics kernels")
