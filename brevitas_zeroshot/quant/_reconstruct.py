@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._utils import progress
+from .._utils import keep_freed_memory, progress
 from ._lsq_cpu import fake_quantize
 
 __all__ = ["ReconstructionConfig", "reconstruct"]
@@ -518,6 +518,7 @@ def reconstruct(
 
     config = config or ReconstructionConfig()
     device = next(qmodel.parameters()).device
+    keep_freed_memory()  # each step reallocates the same activations (at 112 px: 1.3x faster steps on the CPU)
     qmodel.to(memory_format=torch.channels_last)  # faster convolutions (as in synthesis); undone at the end
     fmodel = (copy.deepcopy(qmodel) if reference is None else reference).to(memory_format=torch.channels_last).eval()
     float_mode = quantization_status_manager(fmodel, disable_act_quant=True, disable_weight_quant=True,
