@@ -1076,6 +1076,46 @@ def test_fused_learning_quantizer_gives_brevitas_values_and_gradients(signed, cp
     assert type(act.act_quant.fused_activation_quant_proxy.tensor_quant).__name__ == "RescalingIntQuant"
 
 
+@pytest.mark.parametrize("weight_range", ["max", "mse"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fixed_grid_gives_brevitas_s_learned_rounding_values_and_gradients(weight_range, symmetric):
+    """While a unit learns, its symmetric weight quantizers run on a grid computed once (_FixedGrid), the others on
+    Brevitas's path: either way the quantized weights and the rounding parameters' gradients are Brevitas's own."""
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantLayer
+
+    from brevitas_zeroshot.quant._reconstruct import _insert_learned_round, _learning, _round_modules
+
+    model, _ = random_r20()
+    config = BrevitasConfig(w_bits=4, a_bits=4, weight_range=weight_range, weight_symmetric=symmetric)
+    qmodel, _ = build_quant_model(model, config, (3, 32, 32))
+    layers = [m for m in qmodel.modules() if isinstance(m, QuantLayer)][1:3]
+    _insert_learned_round(layers)
+    rounding = _round_modules(layers)
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    for m in rounding:
+        m.train()
+        m.value.requires_grad_(True)
+    weights = [torch.randn_like(layer.weight) for layer in layers]
+
+    def run():
+        for m in rounding:
+            m.value.grad = None
+        values = [layer.quant_weight().value for layer in layers]
+        sum((v * w).sum() for v, w in zip(values, weights, strict=True)).backward()
+        return [v.detach() for v in values], [m.value.grad.clone() for m in rounding]
+
+    reference = run()
+    with _learning(qmodel):
+        used = [type(layer.weight_quant.tensor_quant).__name__ for layer in layers]
+        fixed = run()
+    # Asymmetric grids' zero points carry gradients here (the mse search's follows the rounding): Brevitas's path
+    assert used == (["_FixedGrid"] * 2 if symmetric else ["RescalingIntQuant"] * 2)
+    for a, b in zip(reference[0] + reference[1], fixed[0] + fixed[1], strict=True):
+        assert torch.equal(a, b)
+    assert all(type(layer.weight_quant.tensor_quant).__name__ == "RescalingIntQuant" for layer in layers)
+
+
 @pytest.mark.parametrize("lo,hi,zero_point", [(0, 15, 0.0), (-8, 7, 0.0), (0, 255, 37.0)])
 def test_fake_quantize_gives_torch_s_values_and_gradients(lo, hi, zero_point, cpu_kernels):
     """Reconstruction's fake quantization (our fused kernel on the CPU, torch's op where it cannot be built) against

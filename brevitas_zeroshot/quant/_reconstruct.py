@@ -295,6 +295,50 @@ class _Fused(nn.Module):
         return tuple(map(type, (inner.float_to_int_impl, inner.tensor_clamp_impl, inner.input_view_impl))) == plain
 
 
+class _FixedGrid(nn.Module):
+    """Brevitas's learned-rounding weight quantizer while only the rounding learns (weights and steps fixed).
+
+    The step, zero point and ``floor(w / step) + zero point`` come once from the quantizer's own modules, so a
+    learning step only adds the learned rounding (Brevitas's own module and parameter) and clamps, where Brevitas
+    recomputes the step from the weights' statistics and rescales every weight each call. Used only where it gives
+    Brevitas's values exactly (checked once; see :func:`_learning`)."""
+
+    def __init__(self, quant: nn.Module, weight: torch.Tensor):
+        super().__init__()
+        self.quant = quant
+        with torch.no_grad():
+            bit_width = quant.msb_clamp_bit_width_impl()
+            scale = quant.scaling_impl(weight, quant.int_scaling_impl(bit_width))
+            zero_point = quant.zero_point_impl(weight, scale, bit_width)
+            inner = quant.int_quant
+            self.floor = torch.floor(inner.input_view_impl(weight) / scale + zero_point)
+            self.lo, self.hi = inner.min_int(bit_width), inner.max_int(bit_width)
+        self.scale, self.zero_point, self.bit_width = scale, zero_point, bit_width
+
+    def forward(self, x):
+        inner = self.quant.int_quant
+        rnd = inner.float_to_int_impl
+        p = rnd.tensor_slicer(rnd.input_view_impl(rnd.learned_round_impl(rnd.value)))
+        y = inner.tensor_clamp_impl(self.floor + p, min_val=self.lo, max_val=self.hi)
+        return (y - self.zero_point) * self.scale, self.scale, self.zero_point, self.bit_width
+
+    @classmethod
+    def replacing(cls, quant: nn.Module, weight: torch.Tensor) -> "nn.Module":
+        """A :class:`_FixedGrid` for ``quant`` where it fits and gives Brevitas's values, else ``quant`` itself."""
+        from brevitas.core.function_wrapper.learned_round import LearnedRoundSte
+        from brevitas.core.quant import IntQuant, RescalingIntQuant
+
+        plain = type(quant) is RescalingIntQuant and type(quant.int_quant) is IntQuant and not quant.observer_only
+        if not plain or not isinstance(quant.int_quant.float_to_int_impl, LearnedRoundSte) or weight.requires_grad:
+            return quant
+        value, scale, zero_point, _ = quant(weight)
+        if scale.requires_grad or zero_point.requires_grad:
+            return quant  # the step or zero point learns, or follows the rounding (asymmetric mse: its search does)
+        grid = cls(quant, weight)
+        with torch.no_grad():
+            return grid if torch.equal(grid(weight)[0], value) else quant
+
+
 class _Drop(nn.Module):
     """QDrop around an activation quantizer: in training, each element keeps its float value with probability p."""
 
@@ -312,12 +356,18 @@ class _Drop(nn.Module):
 @contextlib.contextmanager
 def _learning(unit: nn.Module, drop: float = 0.0, fused: bool = True):
     """For the duration, run the activation quantizers inside ``unit`` through :class:`_Fused` (where they fit)
-    and :class:`_Drop` (when ``drop`` > 0); Brevitas's quantizers are put back after."""
+    and :class:`_Drop` (when ``drop`` > 0), and the weight quantizers through :class:`_FixedGrid` (where they fit);
+    Brevitas's quantizers are put back after."""
+    from brevitas.proxy.parameter_quant import WeightQuantProxyFromInjector
     from brevitas.proxy.runtime_quant import FusedActivationQuantProxy
 
-    proxies = [m for m in unit.modules() if isinstance(m, FusedActivationQuantProxy)]
+    proxies = [m for m in unit.modules() if isinstance(m, FusedActivationQuantProxy | WeightQuantProxyFromInjector)]
     saved = [m.tensor_quant for m in proxies]
     for m in proxies:
+        if isinstance(m, WeightQuantProxyFromInjector):
+            if fused and len(m.tracked_parameter_list) == 1:
+                m.tensor_quant = _FixedGrid.replacing(m.tensor_quant, m.tracked_parameter_list[0])
+            continue
         if fused and _Fused.fits(m.tensor_quant):
             m.tensor_quant = _Fused(m.tensor_quant)
         if drop > 0:
