@@ -50,7 +50,7 @@ class ReconstructionConfig:
     # still an unbiased estimate of the whole image's; a step costs about the window's area. 0: whole images.
     crop: float = 0.0
     gptq_flips: bool = False  # learned rounding after GPTQ starts at GPTQ's choice (see _insert_learned_round)
-    fused: bool = True  # learn through torch's fused fake-quant kernel (same gradients, fewer passes)
+    fused: bool = True  # learn through fused fake quantization and fixed weight grids (same values, fewer passes)
     seed: int = 0
 
 
