@@ -1188,6 +1188,57 @@ def test_a_model_saved_before_residual_adds_were_configurable_reloads(tmp_path):
         assert torch.equal(_value(again(x)), _value(qmodel(x)))
 
 
+def test_residual_branches_in_float_keep_every_layer_input_quantized_reload_and_export(tmp_path):
+    """Brevitas's graph mode put each inverted residual's branch output (MobileNetV2's linear bottleneck) on the
+    stream's quantizer before the add. Below 8-bit activations it now stays in the accumulator domain, as the
+    ResNets' add inputs do, and the sum is quantized once; models saved before reload as they were built."""
+    import operator
+
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+    from brevitas.quant_tensor import QuantTensor
+
+    model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
+    cfg = resolve_data_config(model)
+    cfg["input_size"] = (3, 64, 64)
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    saved = dict(model_name="mobilenetv2_035", data_config=cfg, calib=calib)
+    config = BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=2)
+    qmodel, report = quantize(model, calib, config)
+    assert report["graph"] == "fx" and report["residual_adds_in_float"] == 10  # every block with a skip
+    adds = [n for n in qmodel.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
+    assert len(adds) == 10
+    for add in adds:
+        (branch,) = [a for a in add.args if "drop_path" in str(a.target)]
+        assert "conv_pwl" in str(branch.args[0].target)  # the projection's accumulator, no quantizer between
+        assert [type(qmodel.get_submodule(u.target)).__name__ for u in add.users] == ["QuantIdentity"]
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
+        for name, m in qmodel.named_modules()
+        if isinstance(m, QuantWeightBiasInputOutputLayer)
+    ]
+    x = calib.images[:4]
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    bits = {name: float(t.bit_width) for name, t in seen.items() if isinstance(t, QuantTensor)}
+    assert len(bits) == len(seen) > 50, set(seen) - set(bits)  # every layer still takes quantized input...
+    assert bits.pop("conv_stem") == bits.pop("classifier") == 8 and set(bits.values()) == {4.0}  # ...at a_bits
+    _reloads_and_exports(qmodel, x, tmp_path / "new", config=config, report=report, **saved)
+
+    config = BrevitasConfig(w_bits=4, a_bits=4, quantize_residual_branches=True, reconstruct=False, gptq=False)
+    qmodel, report = quantize(model, calib, config)
+    assert report["residual_adds_in_float"] == 0
+    save_quantized(qmodel, tmp_path / "old", config=config, report=report, **saved)
+    record = json.loads((tmp_path / "old" / "quant_config.json").read_text())
+    del record["quantization"]["quantize_residual_branches"]  # as written by the previous version
+    (tmp_path / "old" / "quant_config.json").write_text(json.dumps(record))
+    again, _ = load_quantized(tmp_path / "old")
+    with torch.no_grad():
+        assert torch.equal(_value(again(x)), _value(qmodel(x)))
+
+
 def test_pt2e_compiled_program_agrees_with_eager_on_this_cpu(resnet20):
     from brevitas_zeroshot._utils import has_int8_dot_product
     from brevitas_zeroshot.quant import lower_quantized

@@ -105,6 +105,11 @@ class BrevitasConfig:
     # False: they stay in the accumulator domain, as in BRECQ/QDrop/Genie; every layer input is still quantized.
     # None: False below 8-bit activations (+3.7 pt at W4A4 on the tuning split, docs/method.md), True otherwise.
     quantize_residual_adds: bool | None = None
+    # Quantize a residual branch's output before it is added to a stream that is already quantized (inverted
+    # residuals: MobileNetV2, EfficientNet): Brevitas's graph mode puts it on the stream's quantizer, whose step is
+    # set by the stream, mostly wider than the branch's values. None: as quantize_residual_adds. (Before this
+    # field such branches stayed quantized whatever quantize_residual_adds said.)
+    quantize_residual_branches: bool | None = None
     # model.onnx's weights as int8 (onnxruntime's u8 x s8 kernels: exact and ~3x faster on x86 CPUs with VNNI, but
     # saturating on those without it) or uint8 + 128 (u8 x u8 kernels: exact on every x86 CPU). None: int8 where
     # the CPU exporting has VNNI, as PT2EConfig.reduce_range; set it for the CPU the file will run on.
@@ -164,6 +169,11 @@ class BrevitasConfig:
     @property
     def residual_adds_quantized(self) -> bool:
         return self.a_bits >= 8 if self.quantize_residual_adds is None else self.quantize_residual_adds
+
+    @property
+    def residual_branches_quantized(self) -> bool:
+        branches = self.quantize_residual_branches
+        return self.residual_adds_quantized if branches is None else branches
 
     @property
     def use_gptq(self) -> bool:
@@ -380,7 +390,7 @@ def build_quant_model(
         report["relu6_calibrated"] = len(relu6)
         _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
         if not config.residual_adds_quantized:
-            _unquantize_residual_adds(qmodel, report)
+            _unquantize_residual_adds(qmodel, report, branches=not config.residual_branches_quantized)
         qmodel.to(device)  # the quantizers Brevitas and we insert are made on the CPU
         try:
             with torch.no_grad():
@@ -486,38 +496,58 @@ def _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report) -> 
     qmodel.recompile()
 
 
-def _unquantize_residual_adds(qmodel, report) -> None:
+def _unquantize_residual_adds(qmodel, report, branches: bool = True) -> None:
     """Remove the quantizers that only feed residual adds whose sums are requantized before any layer; the layers
-    feeding them return float (their accumulator, dequantized)."""
+    feeding them return float (their accumulator, dequantized).
+
+    ``branches``: also the calls of a quantizer shared with the stream that feed such an add from a residual branch
+    (through timm's eval-mode drop_path), call by call. Without it a shared quantizer goes only if every call of it
+    qualifies, as models saved before ``quantize_residual_branches`` were built."""
     import brevitas.nn as qnn
 
-    graph, modules = qmodel.graph, dict(qmodel.named_modules())
+    graph = qmodel.graph
+    if branches:  # every call target: named_modules() lists a shared module once, under one of its names
+        modules = {n.target: qmodel.get_submodule(n.target) for n in graph.nodes if n.op == "call_module"}
+    else:
+        modules = dict(qmodel.named_modules())
     adds = (operator.add, operator.iadd, torch.add)
 
     def is_act(node) -> bool:
         return node.op == "call_module" and isinstance(modules.get(node.target), (qnn.QuantReLU, qnn.QuantIdentity))
 
+    def users(node) -> list:  # with branches, looking through pass-through modules
+        return [v for u in node.users for v in (users(u) if branches and _passes_through(u, modules) else [u])]
+
+    def feeds_requantized_add(node) -> bool:
+        found = users(node)
+        return bool(found) and all(u.op == "call_function" and u.target in adds and all(map(is_act, u.users))
+                                   for u in found)  # fmt: skip
+
     calls: dict[str, list] = {}
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(node.target), qnn.QuantIdentity):
             calls.setdefault(node.target, []).append(node)
-    removed = 0
-    for nodes in calls.values():  # a shared quantizer goes only if every call of it feeds such an add
-        users = [u for n in nodes for u in n.users]
-        if not users or not all(u.op == "call_function" and u.target in adds and all(map(is_act, u.users))
-                                for u in users):  # fmt: skip
+    in_float = set()  # the adds whose inputs are left unquantized
+    for nodes in calls.values():
+        if branches:
+            nodes = [n for n in nodes if feeds_requantized_add(n)]
+        elif not all(map(feeds_requantized_add, nodes)):
             continue
         for node in nodes:
+            in_float.update(u.name for u in users(node))
             src = node.args[0]
             if src.op == "call_module" and hasattr(modules.get(src.target), "return_quant_tensor"):
                 modules[src.target].return_quant_tensor = False
             node.replace_all_uses_with(src)
             graph.erase_node(node)
-        removed += 1
     graph.lint()
     qmodel.recompile()
     qmodel.delete_all_unused_submodules()
-    report["residual_adds_in_float"] = removed
+    report["residual_adds_in_float"] = len(in_float)
+
+
+def _passes_through(node, modules) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(node.target), nn.Identity) and len(node.args) == 1
 
 
 def _float_layers(qmodel: nn.Module) -> list[str]:
@@ -754,6 +784,7 @@ _ADDED = {
     "learn_gptq_flips": False,
     "act_equalization": 0.0,
     "reconstruct_float_targets": False,
+    "quantize_residual_branches": True,
 }
 
 
