@@ -117,6 +117,7 @@ def _card_fields(meta: dict, results: dict, repo_id: str, base: str | None) -> d
     scheme = (
         f"{q['backend']}, weights {q['w_bits']}-bit, activations {q['a_bits']}-bit"
         + (f", first/last layer {first_last}-bit" if q["backend"] == "brevitas" and first_last else "")
+        + (f", first layer's output {q['first_output_bits']}-bit" if report.get("first_output") else "")
         + (f", depthwise convolutions {q['depthwise_bits']}-bit weights" if q.get("depthwise_bits") else "")
         + (", asymmetric weights (zero points)" if report.get("weight_grid", "").startswith("asym") else "")
         + (f", activation equalization (α {_equalization(q)})" if report.get("act_equalization") else "")

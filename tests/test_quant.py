@@ -1188,14 +1188,28 @@ def test_a_model_saved_before_residual_adds_were_configurable_reloads(tmp_path):
         assert torch.equal(_value(again(x)), _value(qmodel(x)))
 
 
+def _input_bits(qmodel, x) -> dict[str, float]:
+    """Each quantized layer's input bit width on ``x`` (0 where the input is not a quantized tensor)."""
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
+        for name, m in qmodel.named_modules()
+        if isinstance(m, QuantWeightBiasInputOutputLayer)
+    ]
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    return {name: float(getattr(t, "bit_width", 0)) for name, t in seen.items()}
+
+
 def test_residual_branches_in_float_keep_every_layer_input_quantized_reload_and_export(tmp_path):
     """Brevitas's graph mode put each inverted residual's branch output (MobileNetV2's linear bottleneck) on the
     stream's quantizer before the add. Below 8-bit activations it now stays in the accumulator domain, as the
     ResNets' add inputs do, and the sum is quantized once; models saved before reload as they were built."""
     import operator
-
-    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
-    from brevitas.quant_tensor import QuantTensor
 
     model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
     cfg = resolve_data_config(model)
@@ -1211,20 +1225,10 @@ def test_residual_branches_in_float_keep_every_layer_input_quantized_reload_and_
         (branch,) = [a for a in add.args if "drop_path" in str(a.target)]
         assert "conv_pwl" in str(branch.args[0].target)  # the projection's accumulator, no quantizer between
         assert [type(qmodel.get_submodule(u.target)).__name__ for u in add.users] == ["QuantIdentity"]
-    seen = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
-        for name, m in qmodel.named_modules()
-        if isinstance(m, QuantWeightBiasInputOutputLayer)
-    ]
     x = calib.images[:4]
-    with torch.no_grad():
-        qmodel(x)
-    for h in hooks:
-        h.remove()
-    bits = {name: float(t.bit_width) for name, t in seen.items() if isinstance(t, QuantTensor)}
-    assert len(bits) == len(seen) > 50, set(seen) - set(bits)  # every layer still takes quantized input...
-    assert bits.pop("conv_stem") == bits.pop("classifier") == 8 and set(bits.values()) == {4.0}  # ...at a_bits
+    bits = _input_bits(qmodel, x)
+    assert len(bits) > 50 and bits.pop("conv_stem") == bits.pop("classifier") == 8  # every layer input quantized,
+    assert set(bits.values()) == {4.0}  # at a_bits
     _reloads_and_exports(qmodel, x, tmp_path / "new", config=config, report=report, **saved)
 
     config = BrevitasConfig(w_bits=4, a_bits=4, quantize_residual_branches=True, reconstruct=False, gptq=False)
@@ -1237,6 +1241,31 @@ def test_residual_branches_in_float_keep_every_layer_input_quantized_reload_and_
     again, _ = load_quantized(tmp_path / "old")
     with torch.no_grad():
         assert torch.equal(_value(again(x)), _value(qmodel(x)))
+
+
+def test_first_last_bits_reach_a_padded_stem_and_first_output_bits_the_second_layer():
+    """EfficientNet-Lite's TensorFlow-SAME stem becomes a pad and a convolution, and Brevitas requantizes the padded
+    image: at W4A4 the stem took a 4-bit image. ``first_output_bits`` (BRECQ's and Genie's convention) puts the
+    first layer's output, the second layer's input, at 8 bits."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8),
+        nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+    x = torch.rand(16, 3, 32, 32)
+    layers = ["0.1", "3", "6", "10"]
+    for config, bits in [
+        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False), [8, 4, 4, 8]),
+        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, edge_bits_through_pads=False), [4, 4, 4, 8]),
+        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, first_output_bits=8), [8, 8, 4, 8]),
+    ]:
+        qmodel, report = quantize(model, x, config)
+        assert report["graph"] == "fx"
+        assert _input_bits(qmodel, x[:2]) == dict(zip(layers, map(float, bits), strict=True)), config
+    relu6 = qmodel.get_submodule(report["first_output"].split()[0])
+    assert isinstance(relu6.act_quant.fused_activation_quant_proxy.activation_impl, nn.ReLU6)  # keeps its clip
 
 
 def test_pt2e_compiled_program_agrees_with_eager_on_this_cpu(resnet20):

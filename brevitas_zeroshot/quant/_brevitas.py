@@ -35,6 +35,12 @@ class BrevitasConfig:
     a_bits: int = 8
     first_last_bits: int | None = 8  # None: the first and last layers get w_bits/a_bits too
     depthwise_bits: int | None = None  # weight bits of depthwise convolutions (None: w_bits)
+    # Bits of the first layer's output activations, the second layer's input (graph mode; None: a_bits, as QDrop).
+    # BRECQ and Genie, whose W4A4 figures issue 14 compares with, keep them at 8.
+    first_output_bits: int | None = None
+    # first_last_bits also reach the input quantizer Brevitas puts behind a padding layer (EfficientNet-Lite's
+    # TensorFlow-SAME stem). False: models saved before, whose stem convolution took an a_bits input.
+    edge_bits_through_pads: bool = True
     weight_granularity: str = "per_channel"  # or "per_tensor"
     act_percentile: float = 99.999
     # How calibration sets activation ranges: "percentile" (act_percentile) or "mse" (Brevitas's error search);
@@ -120,7 +126,7 @@ class BrevitasConfig:
             bits = getattr(self, name)
             if not 2 <= bits <= 16:
                 raise BzqError(f"{name}={bits}: Brevitas integer quantization here takes 2 to 16 bits.")
-        for name in ("first_last_bits", "depthwise_bits"):
+        for name in ("first_last_bits", "depthwise_bits", "first_output_bits"):
             bits = getattr(self, name)
             if bits is not None and not 2 <= bits <= 16:
                 raise BzqError(f"{name}={bits}: must be 2 to 16, or None.")
@@ -388,7 +394,9 @@ def build_quant_model(
         for name in relu6:
             qmodel.get_submodule(name).act_quant.fused_activation_quant_proxy.activation_impl = nn.ReLU6()
         report["relu6_calibrated"] = len(relu6)
-        _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report)
+        _set_edge_activations(qmodel, last, hb, signed, unsigned, report, config.edge_bits_through_pads)
+        if config.first_output_bits and config.first_output_bits != ab:
+            _set_first_output_bits(qmodel, first, config.first_output_bits, signed, unsigned, report)
         if not config.residual_adds_quantized:
             _unquantize_residual_adds(qmodel, report, branches=not config.residual_branches_quantized)
         qmodel.to(device)  # the quantizers Brevitas and we insert are made on the CPU
@@ -471,20 +479,29 @@ def _residual_iterations_capped(graph):
         impl.MAX_RESIDUAL_ITERS = saved
 
 
-def _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report) -> None:
+def _set_edge_activations(qmodel, last, hb, signed, unsigned, report, through_pads: bool) -> None:
     """FX mode quantizes the network input and the classifier input at a_bits, and adds a quantizer on the logits.
-    Give the input and classifier-input quantizers ``first_last_bits`` and keep the logits in float."""
+    Give the input and classifier-input quantizers ``first_last_bits`` and keep the logits in float.
+    ``through_pads``: also the quantizer Brevitas puts on the padded input (a padding layer in front of the first
+    convolution), which it otherwise takes at a_bits."""
     import brevitas.nn as qnn
 
     graph = qmodel.graph
     modules = dict(qmodel.named_modules())
+
+    def carries_input(node) -> bool:  # the network input, or (through_pads) it padded and quantized
+        passes = (nn.ZeroPad2d, nn.ConstantPad2d, qnn.QuantIdentity) if through_pads else ()
+        while getattr(node, "op", None) == "call_module" and isinstance(modules.get(node.target), passes):
+            node = node.args[0]
+        return getattr(node, "op", None) == "placeholder"
+
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), qnn.QuantIdentity):
             continue
         src = node.args[0] if node.args else None
         feeds_classifier = any(u.op == "call_module" and u.target == last for u in node.users)
         after_classifier = getattr(src, "op", None) == "call_module" and src.target == last
-        is_input = getattr(src, "op", None) == "placeholder"
+        is_input = carries_input(src)
         if after_classifier and all(u.op == "output" for u in node.users):
             qmodel.add_submodule(node.target, nn.Identity())
             qmodel.get_submodule(last).return_quant_tensor = False
@@ -494,6 +511,30 @@ def _set_edge_activations(qmodel, first, last, hb, signed, unsigned, report) -> 
             act = signed if old.act_quant.is_signed else unsigned
             qmodel.add_submodule(node.target, qnn.QuantIdentity(act_quant=act, bit_width=hb, return_quant_tensor=True))
     qmodel.recompile()
+
+
+def _set_first_output_bits(qmodel, first, bits, signed, unsigned, report) -> None:
+    """Give the first activation quantizer after the first layer (through ops that pass one tensor on, such as a
+    merged BN's leftovers or padding) ``bits``, keeping its activation (a ReLU6 keeps its clip)."""
+    import brevitas.nn as qnn
+
+    nodes = [n for n in qmodel.graph.nodes if n.op == "call_module" and n.target == first]
+    node = nodes[0] if len(nodes) == 1 else None
+    while node is not None and len(node.users) == 1:
+        (node,) = node.users
+        module = qmodel.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, qnn.QuantReLU | qnn.QuantIdentity):
+            proxy = module.act_quant
+            act = signed if proxy.is_signed else unsigned
+            new = type(module)(act_quant=act, bit_width=bits, return_quant_tensor=module.return_quant_tensor)
+            if isinstance(proxy.fused_activation_quant_proxy.activation_impl, nn.ReLU6):
+                new.act_quant.fused_activation_quant_proxy.activation_impl = nn.ReLU6()
+            qmodel.add_submodule(node.target, new)
+            report["first_output"] = f"{node.target} at {bits} bits"
+            return
+        if module is not None and any(p.requires_grad for p in module.parameters()):
+            break  # another layer: no quantizer of the first layer's own output
+    report["notes"].append(f"first_output_bits: no activation quantizer right after {first}; left at a_bits")
 
 
 def _unquantize_residual_adds(qmodel, report, branches: bool = True) -> None:
@@ -785,6 +826,8 @@ _ADDED = {
     "act_equalization": 0.0,
     "reconstruct_float_targets": False,
     "quantize_residual_branches": True,
+    "first_output_bits": None,
+    "edge_bits_through_pads": False,
 }
 
 
