@@ -430,6 +430,8 @@ def build_quant_model(
         qmodel = layerwise_quantize(model, compute_layer_map=layer_map)
         report["graph"] = "layerwise"
         report["notes"].append("layerwise mode: BatchNorm stays in float, activations quantized at layer inputs")
+        if config.first_output_bits and config.first_output_bits != ab:
+            report["notes"].append("first_output_bits skipped: it needs graph mode")
     report["float_layers"] = _float_layers(qmodel)
     return qmodel.to(device).eval(), report
 
