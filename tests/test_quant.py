@@ -1268,6 +1268,55 @@ def test_first_last_bits_reach_a_padded_stem_and_first_output_bits_the_second_la
     assert isinstance(relu6.act_quant.fused_activation_quant_proxy.activation_impl, nn.ReLU6)  # keeps its clip
 
 
+def test_zero_pads_of_relu_outputs_are_requantized_unsigned(tmp_path):
+    """Brevitas requantizes a zero-padded tensor with a signed quantizer, also where the pad's input is a ReLU's
+    output (EfficientNet-Lite's stride-2 depthwise convolutions): half its levels unused. Now it is unsigned at the
+    same bits; ``unsigned_pads=False`` (models saved before) keeps it signed."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), Conv2dSame(8, 8, 3, stride=2, groups=8),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+    x = torch.rand(16, 3, 32, 32)
+    for unsigned_pads in (True, False):
+        config = BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, unsigned_pads=unsigned_pads)
+        qmodel, report = quantize(model, x, config)
+        assert report["graph"] == "fx"
+        assert report.get("unsigned_pad_requantizers", 0) == unsigned_pads
+        seen = []
+        hook = qmodel.get_submodule("3.1").register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+        with torch.no_grad():
+            qmodel(x)
+        hook.remove()
+        (t,) = seen
+        assert float(t.bit_width) == 4 and bool(t.signed) is not unsigned_pads
+        levels = (t.value / t.scale + t.zero_point).round().unique()
+        assert levels.min() >= 0
+        assert len(levels) > 8 if unsigned_pads else len(levels) <= 8
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    cfg = {**resolve_data_config(model), "input_size": (3, 64, 64)}
+    calib = create_calibration_set("gaussian", model, cfg, num_images=8)
+    config = BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, gptq=False)
+    qmodel, report = quantize(model, calib, config)
+    assert report["graph"] == "fx" and report["unsigned_pad_requantizers"] == 4  # blocks 1.0, 2.0, 3.0 and 5.0
+    saved = dict(model_name="tf_efficientnet_lite0", data_config=cfg, calib=calib, config=config, report=report)
+    _reloads_and_exports(qmodel, calib.images[:4], tmp_path / "new", **saved)
+
+    config = BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, gptq=False, unsigned_pads=False)
+    qmodel, report = quantize(model, calib, config)
+    save_quantized(qmodel, tmp_path / "old", **{**saved, "config": config, "report": report})
+    record = json.loads((tmp_path / "old" / "quant_config.json").read_text())
+    del record["quantization"]["unsigned_pads"]  # as written by the previous version
+    (tmp_path / "old" / "quant_config.json").write_text(json.dumps(record))
+    again, _ = load_quantized(tmp_path / "old")
+    assert again.get_submodule("blocks_1_0_conv_dw_1_input_quant").act_quant.is_signed
+    with torch.no_grad():
+        assert torch.equal(_value(again(calib.images[:4])), _value(qmodel(calib.images[:4])))
+
+
 def test_pt2e_compiled_program_agrees_with_eager_on_this_cpu(resnet20):
     from brevitas_zeroshot._utils import has_int8_dot_product
     from brevitas_zeroshot.quant import lower_quantized

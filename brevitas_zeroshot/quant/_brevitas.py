@@ -3,6 +3,7 @@
 Talks to Brevitas's core API (``brevitas.graph``), not to the example scripts shipped in its wheel.
 """
 
+import collections
 import contextlib
 import copy
 import functools
@@ -41,6 +42,9 @@ class BrevitasConfig:
     # first_last_bits also reach the input quantizer Brevitas puts behind a padding layer (EfficientNet-Lite's
     # TensorFlow-SAME stem). False: models saved before, whose stem convolution took an a_bits input.
     edge_bits_through_pads: bool = True
+    # The quantizer Brevitas puts behind a zero pad of a ReLU's output (EfficientNet-Lite's stride-2 depthwise
+    # convolutions) is unsigned, as the values. False: models saved before, where it was signed (half its levels).
+    unsigned_pads: bool = True
     weight_granularity: str = "per_channel"  # or "per_tensor"
     act_percentile: float = 99.999
     # How calibration sets activation ranges: "percentile" (act_percentile) or "mse" (Brevitas's error search);
@@ -397,6 +401,8 @@ def build_quant_model(
         _set_edge_activations(qmodel, last, hb, signed, unsigned, report, config.edge_bits_through_pads)
         if config.first_output_bits and config.first_output_bits != ab:
             _set_first_output_bits(qmodel, first, config.first_output_bits, signed, unsigned, report)
+        if config.unsigned_pads:
+            _unsigned_pad_requantizers(qmodel, signed, unsigned, report)
         if not config.residual_adds_quantized:
             _unquantize_residual_adds(qmodel, report, branches=not config.residual_branches_quantized)
         qmodel.to(device)  # the quantizers Brevitas and we insert are made on the CPU
@@ -509,9 +515,7 @@ def _set_edge_activations(qmodel, last, hb, signed, unsigned, report, through_pa
             qmodel.get_submodule(last).return_quant_tensor = False
             report["notes"].append("logits left in float")
         elif hb and (is_input or feeds_classifier):
-            old = modules[node.target]
-            act = signed if old.act_quant.is_signed else unsigned
-            qmodel.add_submodule(node.target, qnn.QuantIdentity(act_quant=act, bit_width=hb, return_quant_tensor=True))
+            qmodel.add_submodule(node.target, _requantizer(modules[node.target], hb, signed, unsigned))
     qmodel.recompile()
 
 
@@ -526,17 +530,51 @@ def _set_first_output_bits(qmodel, first, bits, signed, unsigned, report) -> Non
         (node,) = node.users
         module = qmodel.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(module, qnn.QuantReLU | qnn.QuantIdentity):
-            proxy = module.act_quant
-            act = signed if proxy.is_signed else unsigned
-            new = type(module)(act_quant=act, bit_width=bits, return_quant_tensor=module.return_quant_tensor)
-            if isinstance(proxy.fused_activation_quant_proxy.activation_impl, nn.ReLU6):
-                new.act_quant.fused_activation_quant_proxy.activation_impl = nn.ReLU6()
-            qmodel.add_submodule(node.target, new)
+            qmodel.add_submodule(node.target, _requantizer(module, bits, signed, unsigned))
             report["first_output"] = f"{node.target} at {bits} bits"
             return
         if module is not None and any(p.requires_grad for p in module.parameters()):
             break  # another layer: no quantizer of the first layer's own output
     report["notes"].append(f"first_output_bits: no activation quantizer right after {first}; left at a_bits")
+
+
+def _unsigned_pad_requantizers(qmodel, signed, unsigned, report) -> None:
+    """Brevitas requantizes a zero-padded tensor with a signed quantizer, also where the pad's input is a ReLU's
+    unsigned output (EfficientNet-Lite's stride-2 depthwise convolutions): half the levels go unused. Make those
+    requantizers unsigned at the same bits; zeros lie on either grid."""
+    import brevitas.nn as qnn
+
+    calls = [n for n in qmodel.graph.nodes if n.op == "call_module"]
+    modules = {n.target: qmodel.get_submodule(n.target) for n in calls}
+    uses = collections.Counter(id(modules[n.target]) for n in calls)
+    count = 0
+    for node in calls:
+        old = modules[node.target]
+        if not isinstance(old, qnn.QuantIdentity) or not old.act_quant.is_signed or uses[id(old)] > 1:
+            continue  # a shared quantizer also serves other tensors
+        src, pads = node.args[0], []
+        while getattr(src, "op", None) == "call_module" and isinstance(modules.get(src.target), nn.ConstantPad2d):
+            pads.append(modules[src.target])
+            src = src.args[0]
+        producer = modules.get(src.target) if getattr(src, "op", None) == "call_module" else None
+        if (pads and all(p.value == 0 for p in pads) and isinstance(producer, qnn.QuantReLU | qnn.QuantIdentity)
+                and not producer.act_quant.is_signed):  # fmt: skip
+            bits = int(old.act_quant.bit_width())
+            qmodel.add_submodule(node.target, _requantizer(old, bits, signed, unsigned, is_signed=False))
+            count += 1
+    qmodel.recompile()
+    report["unsigned_pad_requantizers"] = count
+
+
+def _requantizer(old, bits: int, signed, unsigned, is_signed: bool | None = None):
+    """A fresh quantizer like ``old`` (its class, sign, output type, a ReLU6's clip) at ``bits``; ``is_signed``
+    overrides the sign."""
+    proxy = old.act_quant
+    act = signed if (proxy.is_signed if is_signed is None else is_signed) else unsigned
+    new = type(old)(act_quant=act, bit_width=bits, return_quant_tensor=old.return_quant_tensor)
+    if isinstance(proxy.fused_activation_quant_proxy.activation_impl, nn.ReLU6):
+        new.act_quant.fused_activation_quant_proxy.activation_impl = nn.ReLU6()
+    return new
 
 
 def _unquantize_residual_adds(qmodel, report, branches: bool = True) -> None:
@@ -830,6 +868,7 @@ _ADDED = {
     "quantize_residual_branches": True,
     "first_output_bits": None,
     "edge_bits_through_pads": False,
+    "unsigned_pads": False,
 }
 
 
