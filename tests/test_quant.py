@@ -1228,6 +1228,7 @@ def test_residual_branches_in_float_keep_every_layer_input_quantized_reload_and_
     x = calib.images[:4]
     bits = _input_bits(qmodel, x)
     assert len(bits) > 50 and bits.pop("conv_stem") == bits.pop("classifier") == 8  # every layer input quantized,
+    assert bits.pop("blocks.0.0.conv_dw") == 8  # first_output_bits
     assert set(bits.values()) == {4.0}  # at a_bits
     _reloads_and_exports(qmodel, x, tmp_path / "new", config=config, report=report, **saved)
 
@@ -1245,8 +1246,8 @@ def test_residual_branches_in_float_keep_every_layer_input_quantized_reload_and_
 
 def test_first_last_bits_reach_a_padded_stem_and_first_output_bits_the_second_layer():
     """EfficientNet-Lite's TensorFlow-SAME stem becomes a pad and a convolution, and Brevitas requantizes the padded
-    image: at W4A4 the stem took a 4-bit image. ``first_output_bits`` (BRECQ's and Genie's convention) puts the
-    first layer's output, the second layer's input, at 8 bits."""
+    image: at W4A4 the stem took a 4-bit image. ``first_output_bits`` (8 by default, BRECQ's and Genie's convention)
+    puts the first layer's output, the second layer's input, at 8 bits, unless every layer takes a_bits."""
     from timm.layers import Conv2dSame
 
     torch.manual_seed(0)
@@ -1257,9 +1258,14 @@ def test_first_last_bits_reach_a_padded_stem_and_first_output_bits_the_second_la
     x = torch.rand(16, 3, 32, 32)
     layers = ["0.1", "3", "6", "10"]
     for config, bits in [
-        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False), [8, 4, 4, 8]),
-        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, edge_bits_through_pads=False), [4, 4, 4, 8]),
-        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, first_output_bits=8), [8, 8, 4, 8]),
+        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False), [8, 8, 4, 8]),
+        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, first_output_bits=None), [8, 4, 4, 8]),
+        (
+            BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, first_output_bits=None, edge_bits_through_pads=False),
+            [4, 4, 4, 8],
+        ),
+        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, first_last_bits=None), [4, 4, 4, 4]),
+        (BrevitasConfig(w_bits=4, a_bits=4, reconstruct=False, first_output_bits=6), [8, 6, 4, 8]),
     ]:
         qmodel, report = quantize(model, x, config)
         assert report["graph"] == "fx"
