@@ -462,8 +462,9 @@ def test_activation_equalization_moves_a_massive_stream_channel_into_the_weights
     assert spread(before) > 10 and spread(after) < spread(before) / 3, (spread(before), spread(after))
 
     errors = {}
-    for alpha in (0.0, 0.5):
-        config = BrevitasConfig(w_bits=8, a_bits=4, reconstruct=False, act_equalization=alpha)
+    for alpha in (0.0, 0.5):  # the first layer's output at a_bits: on this random network, at 8 bits (the default)
+        # it alone cuts the output error as much as equalization, and the two together measured worse than either
+        config = BrevitasConfig(w_bits=8, a_bits=4, reconstruct=False, act_equalization=alpha, first_output_bits=None)
         qmodel, report = quantize(model, calib, config)
         assert (report.get("act_equalization", 0) >= 6) == (alpha > 0)
         with torch.no_grad():
