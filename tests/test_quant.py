@@ -480,7 +480,7 @@ def test_activation_equalization_moves_a_massive_stream_channel_into_the_weights
         raise RuntimeError("a region Brevitas cannot scale")
 
     monkeypatch.setattr("brevitas.graph.equalize.activation_equalization_mode", fails)
-    config = BrevitasConfig(w_bits=8, a_bits=4, reconstruct=False)  # the default below 8 bits: 0.5
+    config = BrevitasConfig(w_bits=8, a_bits=4, reconstruct=False, first_output_bits=None)  # equalization: 0.5
     unequalized, report = quantize(model, calib, config)
     assert "act_equalization" not in report and any("equalization failed (RuntimeError" in n for n in report["notes"])
     with torch.no_grad():
@@ -1169,7 +1169,8 @@ def test_residual_adds_in_float_keep_every_layer_input_quantized_reload_and_expo
         h.remove()
     bits = {name: float(t.bit_width) for name, t in seen.items() if isinstance(t, QuantTensor)}
     assert len(seen) == len(bits) == 20, seen.keys()  # every layer still takes quantized input...
-    assert bits.pop("conv1") == bits.pop("linear") == 8 and set(bits.values()) == {4.0}  # ...at a_bits
+    assert bits.pop("conv1") == bits.pop("linear") == 8  # ...at a_bits, but the first and last layers'
+    assert bits.pop("layer1.0.conv1") == 8 and set(bits.values()) == {4.0}  # and the first layer's output
     _reloads_and_exports(qmodel, x, tmp_path, config=config, data_config=cfg, calib=calib, report=report)
 
 
