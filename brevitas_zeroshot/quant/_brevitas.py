@@ -168,7 +168,7 @@ class BrevitasConfig:
 
     @property
     def first_output_width(self) -> int | None:
-        """The first layer's output bits where they differ from a_bits, else None."""
+        """The first layer's output bits where above a_bits (and first_last_bits is set), else None."""
         bits = self.first_output_bits
         return bits if bits and self.first_last_bits and bits > self.a_bits else None
 
