@@ -553,7 +553,7 @@ def _unsigned_pad_requantizers(qmodel, signed, unsigned, report) -> None:
     import brevitas.nn as qnn
 
     calls = [n for n in qmodel.graph.nodes if n.op == "call_module"]
-    modules = {n.target: qmodel.get_submodule(n.target) for n in calls}
+    modules = _call_targets(qmodel)
     uses = collections.Counter(id(modules[n.target]) for n in calls)
     count = 0
     for node in calls:
@@ -595,10 +595,7 @@ def _unquantize_residual_adds(qmodel, report, branches: bool = True) -> None:
     import brevitas.nn as qnn
 
     graph = qmodel.graph
-    if branches:  # every call target: named_modules() lists a shared module once, under one of its names
-        modules = {n.target: qmodel.get_submodule(n.target) for n in graph.nodes if n.op == "call_module"}
-    else:
-        modules = dict(qmodel.named_modules())
+    modules = _call_targets(qmodel) if branches else dict(qmodel.named_modules())
     adds = (operator.add, operator.iadd, torch.add)
 
     def is_act(node) -> bool:
@@ -633,6 +630,11 @@ def _unquantize_residual_adds(qmodel, report, branches: bool = True) -> None:
     qmodel.recompile()
     qmodel.delete_all_unused_submodules()
     report["residual_adds_in_float"] = len(in_float)
+
+
+def _call_targets(qmodel) -> dict[str, nn.Module]:
+    """Every module the graph calls, by call target: named_modules() lists a shared module once, under one name."""
+    return {n.target: qmodel.get_submodule(n.target) for n in qmodel.graph.nodes if n.op == "call_module"}
 
 
 def _passes_through(node, modules) -> bool:
