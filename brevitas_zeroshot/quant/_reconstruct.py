@@ -494,8 +494,9 @@ def _fit(
         for step in range(iters):
             i = rng.randrange(len(inputs_q))
             if window is None:
-                error = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2)
-                loss = (error if weights is None else error * weights[i]).flatten(1).sum(1).mean() / positions
+                error, factor = (_value(unit.q(inputs_q[i])) - targets[i]).pow(2), 1.0
+                if weights is not None:
+                    error = error * weights[i]
             else:
                 cut, inner, outer, factor = window.sample(rng)
                 error = (
@@ -504,17 +505,17 @@ def _fit(
                 ).pow(2)
                 if weights is not None:
                     error = error * weights[i][..., outer[0], outer[1]]
-                loss = error.flatten(1).sum(1).mean() * factor / positions
+            loss = error.flatten(1).sum(1).mean() * factor / positions
             if step >= warmup and rounding:
                 beta = 20 - (20 - 2) * (step - warmup) / max(iters - warmup, 1)
-                h = torch.cat([m.learned_round_impl(m.value).flatten() for m in rounding])
+                h = _soft(rounding)
                 loss = loss + config.round_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             bar.update(1)
         with torch.no_grad():  # roundings the annealing left between down and up, which hardening will move
-            h = torch.cat([m.learned_round_impl(m.value).flatten() for m in rounding] or [torch.zeros(0)])
+            h = _soft(rounding) if rounding else torch.zeros(0)
             undecided = round(((h > 0.05) & (h < 0.95)).float().mean().nan_to_num().item(), 4)
     unit.q.eval()
     _bake(saved)
@@ -531,6 +532,11 @@ def _fit(
         return {"unit": unit.name, "mse_before": before, "mse_after": before, "undecided": undecided,
                 "kept_rounding": True}  # fmt: skip
     return {"unit": unit.name, "mse_before": before, "mse_after": after, "undecided": undecided}
+
+
+def _soft(rounding: list[nn.Module]) -> torch.Tensor:
+    """The soft roundings (0: down, 1: up) of the learned-round modules, flattened into one tensor."""
+    return torch.cat([m.learned_round_impl(m.value).flatten() for m in rounding])
 
 
 @torch.no_grad()
