@@ -73,6 +73,9 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
     assert all(c["bn_loss_trace"] for c in cells if c["source"] == "gznq")
     # reconstruction's own wall time, beside synthesis's: issue 14 compares the two
     assert all(((c["reconstruction_seconds"] or 0) > 0) == c["scheme"].startswith("brevitas") for c in cells)
+    units = [c["reconstruction_units"] for c in cells if c["scheme"].startswith("brevitas")]
+    assert all(u and all(r["mse_after"] <= r["mse_before"] and 0 <= r["undecided"] <= 1 for r in u) for u in units)
+    assert all(c["reconstruction_units"] is None for c in cells if c["scheme"].startswith("pt2e"))
     table = (tmp_path / "results.md").read_text()
     assert "| brevitas-w4a4[reconstruct_iters=3] | gznq | 2 |" in table and "±" in table
     table_rows = [line for line in table.splitlines() if line.startswith(("| pt2e", "| brevitas"))]

@@ -150,6 +150,9 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                         "synthesis_seconds": seconds,
                         "quantization_seconds": round(quant_seconds, 2),
                         "reconstruction_seconds": report.get("reconstruction", {}).get("seconds"),
+                        # each unit's error before and after, kept roundings and undecided fractions: what a
+                        # cell's top-1 alone cannot show (which blocks learned)
+                        "reconstruction_units": report.get("reconstruction", {}).get("units"),
                         "bn_loss_trace": _loss_trace(calib),
                         "notes": report.get("notes", []),
                         "quant_config": settings[scheme],
