@@ -140,6 +140,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                     qmodel, report = quantize(net, calib, schemes[scheme])
                     quant_seconds = time.perf_counter() - start
                     metrics = evaluate(qmodel, batches, reference=net, device=device)
+                    recon = report.get("reconstruction", {})
                     cell.parent.mkdir(parents=True, exist_ok=True)
                     row = {
                         "task": task_name,
@@ -149,10 +150,10 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                         **metrics,
                         "synthesis_seconds": seconds,
                         "quantization_seconds": round(quant_seconds, 2),
-                        "reconstruction_seconds": report.get("reconstruction", {}).get("seconds"),
+                        "reconstruction_seconds": recon.get("seconds"),
                         # each unit's error before and after, kept roundings and undecided fractions: what a
                         # cell's top-1 alone cannot show (which blocks learned)
-                        "reconstruction_units": report.get("reconstruction", {}).get("units"),
+                        "reconstruction_units": recon.get("units"),
                         "bn_loss_trace": _loss_trace(calib),
                         "notes": report.get("notes", []),
                         "quant_config": settings[scheme],
