@@ -337,7 +337,7 @@ def quantize(
         bool | None,
         typer.Option(
             "--reconstruct/--no-reconstruct",
-            help="brevitas: block reconstruction, learned rounding + step sizes (default: on below 8-bit activations).",
+            help="brevitas: block reconstruction, learned rounding + step sizes (default: on below 8 bits).",
         ),
     ] = None,
     reconstruct_iters: Annotated[

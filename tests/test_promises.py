@@ -158,7 +158,7 @@ def test_calib_from_the_output_folder_is_read_not_deleted(ckpt, quantized, tmp_p
     shards = snapshot(out / "calibration")
     done = run(
         "quantize", "cifar_resnet20", "--checkpoint", ckpt, "--out", out, "--calib", out / "calibration",
-        "--overwrite", "--no-onnx", "--w-bits", "4", "--json",
+        "--overwrite", "--no-onnx", "--w-bits", "4", "--reconstruct-iters", "2", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert snapshot(out / "calibration") == shards

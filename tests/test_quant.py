@@ -573,7 +573,7 @@ def test_files_without_frozen_weight_zero_points_reload_unchanged(tmp_path):
 
     model, cfg = random_r20()
     calib = create_calibration_set("gaussian", model, cfg, num_images=16)
-    config = BrevitasConfig(w_bits=4, a_bits=8, weight_symmetric=False, gptq=False)
+    config = BrevitasConfig(w_bits=4, a_bits=8, weight_symmetric=False, gptq=False, reconstruct=False)
     qmodel, report = quantize(model, calib, config)
     out = save_quantized(
         qmodel, tmp_path / "q", model_name="cifar_resnet20", config=config, data_config=cfg, calib=calib,
@@ -819,6 +819,16 @@ def test_reconstruction_learns_flips_from_gptq_s_choice_and_replaces_bias_correc
     assert seen.get("flips") is flips
     if flips is not None:  # both starts learn from the values GPTQ rounded, kept for them
         assert seen["unrounded"] >= 19 and "reconstruction" in report
+
+
+@pytest.mark.parametrize("w_bits,a_bits,expected", [(4, 8, True), (8, 4, True), (8, 8, False)])
+def test_reconstruction_runs_by_default_below_8_bit_weights_or_activations(w_bits, a_bits, expected):
+    from brevitas_zeroshot.quant._registry import as_batches
+
+    model, cfg = random_r20()
+    batches = as_batches(create_calibration_set("gaussian", model, cfg, num_images=8).images, 8)
+    _, report = quantize(model, batches, BrevitasConfig(w_bits=w_bits, a_bits=a_bits, reconstruct_iters=2))
+    assert ("reconstruction" in report) is expected and report["bias_correction"] is not expected
 
 
 @pytest.mark.parametrize("float_targets", [True, False])
