@@ -92,6 +92,7 @@ class BrevitasConfig:
     learn_act_scales: bool = True  # reconstruction also learns the activation step sizes (LSQ)
     learn_weight_scales: bool = False  # reconstruction also learns the weights' per-channel steps (as Genie)
     reconstruct_drop: float = 0.0  # QDrop: probability that an activation skips quantization while learning
+    reconstruct_round_weight: float = ReconstructionConfig.round_weight  # AdaRound's regulariser weight
     # Reconstruction also learns on the calibration images' mirror images (twice the images, the same steps). Off:
     # level from the default start; with learn_gptq_rounding it lowered the KL to float (docs/method.md).
     reconstruct_flip: bool = False
@@ -155,6 +156,8 @@ class BrevitasConfig:
             raise BzqError("act_equalization is SmoothQuant's alpha: 0 (off) to 1.")
         if self.reconstruct_iters < 1 or self.reconstruct_batch < 1:
             raise BzqError("reconstruct_iters and reconstruct_batch must be at least 1.")
+        if self.reconstruct_round_weight < 0:
+            raise BzqError("reconstruct_round_weight must be 0 or more.")
         if not 0 <= self.reconstruct_drop < 1:
             raise BzqError("reconstruct_drop must be in [0, 1).")
         if self.gptq is False and (self.learn_gptq_rounding or self.learn_gptq_flips):
@@ -807,6 +810,7 @@ def quantize_brevitas(
             learn_scales=config.learn_act_scales,
             weight_scale_lr=1e-4 if config.learn_weight_scales else 0.0,
             drop=config.reconstruct_drop,
+            round_weight=config.reconstruct_round_weight,
             fisher=config.reconstruct_fisher,
             flip=config.reconstruct_flip,
             crop=config.reconstruct_crop,
