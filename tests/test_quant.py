@@ -900,6 +900,20 @@ def test_reconstruction_decides_the_roundings_of_large_maps_as_of_small_ones():
     assert max(u["undecided"] for u in units[:7]) < 0.05, units  # the stem and the blocks on 32x32 and 16x16 maps
 
 
+def test_reconstruction_round_weight_sets_how_firmly_the_roundings_are_decided():
+    """AdaRound's regulariser pushes each soft rounding to down or up: without it many stay between the two."""
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    undecided = {}
+    for weight in (0.0, 0.1):
+        config = BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=60, reconstruct_round_weight=weight)
+        _, report = quantize(model, calib, config)
+        undecided[weight] = sum(u["undecided"] for u in report["reconstruction"]["units"])
+    assert undecided[0.1] < 0.5 * undecided[0.0], undecided
+    with pytest.raises(BzqError, match="reconstruct_round_weight"):
+        BrevitasConfig(reconstruct_round_weight=-1.0)
+
+
 class _Draws:
     """Stands in for ``random.Random``: ``randrange`` returns the given values in turn."""
 
