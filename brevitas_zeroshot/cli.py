@@ -73,6 +73,11 @@ LowResOpt = Annotated[
         help=f"Fraction of the steps at half resolution (~4x cheaper); default {LOW_RES_DEFAULT} from 128 px, else 0.",
     ),
 ]
+JitterOpt = Annotated[
+    float,
+    typer.Option("--jitter", min=0.0, max=0.99, help="Random shift of each step's images, a fraction of the side."),
+]
+FlipOpt = Annotated[bool, typer.Option("--flip/--no-flip", help="Mirror each step's images at random.")]
 PrecisionOpt = Annotated[
     str,
     typer.Option(
@@ -96,6 +101,8 @@ def _synthesis(o: dict) -> dict:
         "blur_sigma": o["blur"],
         "micro_batch": o["micro_batch"],
         "low_res": o["low_res"],
+        "jitter": o["jitter"],
+        "flip": o["flip"],
         "precision": o["precision"],
     }
 
@@ -237,6 +244,8 @@ def generate(
     blur: BlurOpt = _SYN.blur_sigma,
     micro_batch: MicroBatchOpt = _SYN.micro_batch,
     low_res: LowResOpt = _SYN.low_res,
+    jitter: JitterOpt = _SYN.jitter,
+    flip: FlipOpt = _SYN.flip,
     precision: PrecisionOpt = _SYN.precision,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different set already in --out.")] = False,
     nproc: Annotated[
@@ -310,6 +319,8 @@ def quantize(
     blur: BlurOpt = _SYN.blur_sigma,
     micro_batch: MicroBatchOpt = _SYN.micro_batch,
     low_res: LowResOpt = _SYN.low_res,
+    jitter: JitterOpt = _SYN.jitter,
+    flip: FlipOpt = _SYN.flip,
     precision: PrecisionOpt = _SYN.precision,
     eval_data: Annotated[
         Path | None, typer.Option("--eval-data", help="Real labelled images to evaluate float and quantized models.")

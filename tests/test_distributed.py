@@ -30,6 +30,9 @@ def generate(weights, out, *extra, wait=True):
         "25",
         "--low-res",  # the half-size steps too (their images are upsampled per rank at the switch)
         "0.4",
+        "--jitter",  # and the augmentation (its draws are the batch's, the same on every rank)
+        "0.1",
+        "--flip",
         "--precision",  # not auto: where the CPU has native bf16, each run would time bf16 and could choose it
         "fp32",
         *extra,

@@ -456,6 +456,8 @@ def test_diverse_init_gives_varied_images_and_canvas_keeps_the_input_size(r20):
         SynthesisConfig(init="zeros")
     with pytest.raises(BzqError, match="canvas"):
         SynthesisConfig(canvas=-1)
+    with pytest.raises(BzqError, match="jitter"):
+        SynthesisConfig(jitter=-0.1)
 
 
 def test_micro_batches_give_the_whole_batch_statistics_gradient_and_set():

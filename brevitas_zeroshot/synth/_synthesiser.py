@@ -122,7 +122,9 @@ class SynthesisConfig:
     ce_weight: float = 0.0  # cross-entropy on the balanced target labels; 0.01-0.1 hurt at W4A4 (docs/method.md)
     tv_weight: float = 0.0
     l2_weight: float = 0.0
-    jitter: float = 0.0  # random shift, as a fraction of the image side (hurt at W4A4 on CIFAR, docs/method.md)
+    # A random shift (a fraction of the image side) and horizontal flip of each step's batch (DeepInversion). Both
+    # hurt at W4A4 on CIFAR; at 224 px they help GPTQ without reconstruction, not under it (docs/method.md).
+    jitter: float = 0.0
     flip: bool = False
     crop_scale: float = 1.0  # smallest area of a random resized crop (1.0 = no crop)
     canvas: int = 0  # learn images this many pixels larger on each side; each step sees a random window of them
@@ -169,6 +171,8 @@ class SynthesisConfig:
             raise BzqError("smooth must be 0 (off) or a positive sigma in pixels.")
         if self.canvas < 0:
             raise BzqError("canvas must be 0 or more pixels.")
+        if not 0 <= self.jitter < 1:
+            raise BzqError("jitter must be a fraction of the image side in [0, 1).")
         if not 0 < self.crop_scale <= 1:
             raise BzqError("crop_scale must be in (0, 1].")
         if self.precision not in ("auto", "fp32", "bf16"):
