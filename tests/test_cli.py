@@ -157,7 +157,7 @@ def test_quantize_flag_defaults_are_the_backend_configs_defaults():
         (("--set", "colour=red"), "expected KEY=VALUE with a quantization setting"),
         (("--set", "reconstruct_iters=many"), "'reconstruct_iters' must be int"),
         (("--low-res", "0.5", "--micro-batch", "-1"), "--micro-batch"),
-        (("--jitter", "1.5"), "--jitter"),
+        (("--jitter", "1.5"), "Invalid value for '--jitter'"),  # the flag exists and its range is checked
     ],
 )
 def test_impossible_quantize_options_fail_before_synthesis(tmp_path, args, message):

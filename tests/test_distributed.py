@@ -46,6 +46,7 @@ def test_two_gloo_ranks_make_the_single_process_set_and_resume_after_a_kill(resn
     single = generate(resnet20_weights, tmp_path / "single")
     assert single.returncode == 0, single.stderr
     reference = CalibrationSet.load(tmp_path / "single")
+    assert (reference.meta["config"]["jitter"], reference.meta["config"]["flip"]) == (0.1, True)  # the flags arrive
 
     two = generate(resnet20_weights, tmp_path / "two", "--nproc", "2")
     assert two.returncode == 0, two.stderr
