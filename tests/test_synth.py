@@ -19,6 +19,7 @@ from brevitas_zeroshot.synth import (
     Synthesiser,
     _bn_cpu,
     find_bn_layers,
+    profile_set,
 )
 from brevitas_zeroshot.synth import _synthesiser as synthesiser_module
 from brevitas_zeroshot.synth._sources import create_calibration_set, list_sources, register_source
@@ -30,6 +31,20 @@ TINY = dict(num_images=24, batch_size=8, iterations=6, precision="fp32")
 @pytest.fixture(scope="module")
 def r20():
     return random_r20()
+
+
+def test_profile_set_measures_the_whole_set_as_one_group_as_the_synthesis_does(r20):
+    model, cfg = r20
+    made = Synthesiser(model, cfg, "cpu", **{**TINY, "num_images": 8}).generate(show_progress=False)
+    final = made.meta["batches"][0]["bn_loss_final"]  # the synthesis's own measure of its one group of 8
+    for passes_of in (8, 3):  # the moments of several passes combine into the whole set's
+        profile = profile_set(model, made.images, batch_size=passes_of)
+        assert profile["bn_loss"] == pytest.approx(final, rel=1e-3), passes_of
+    assert 0 < profile["confidence"] <= 1 and profile["bn_loss_early"] > 0 and profile["bn_loss_late"] > 0
+    noise = profile_set(model, 3 * torch.randn_like(made.images))
+    assert noise["bn_loss"] > 2 * final and noise["bn_loss_early"] > profile["bn_loss_early"]
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # no BN statistics: the confidence only
+    assert set(profile_set(plain, made.images)) == {"confidence"}
 
 
 def test_bn_layers_found_in_timm_families():

@@ -25,7 +25,7 @@ from ..models import load_model
 from ..quant import quantize
 from ..quant._api import _config_dict
 from ..quant._registry import backend_for, create_quant_config
-from ..synth import CalibrationSet
+from ..synth import CalibrationSet, profile_set
 from ..synth._set import MANIFEST, read_manifest
 from ..synth._sources import create_calibration_set
 from . import _peer  # noqa: F401  (registers the "mct" source)
@@ -134,6 +134,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                 folder = out / "sets" / _slug(task_name) / _slug(source) / f"seed{seed}"
                 _logger.info("%s: calibration set '%s' seed %d", task_name, source, seed)
                 calib, seconds = _calibration_set(source, net, data_config, calib_folder, folder, seed, config, device)
+                profile = profile_set(net, calib.images)  # how close to the training data the model finds the set
                 for scheme, cell in cells.items():
                     _logger.info("%s: %s calibrated on '%s' seed %d", task_name, scheme, source, seed)
                     start = time.perf_counter()
@@ -155,6 +156,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                         # cell's top-1 alone cannot show (which blocks learned)
                         "reconstruction_units": recon.get("units"),
                         "bn_loss_trace": _loss_trace(calib),
+                        "calibration_profile": profile,
                         "notes": report.get("notes", []),
                         "quant_config": settings[scheme],
                     }
@@ -244,6 +246,10 @@ def summarise(results: dict) -> list[dict]:
                 "agreement": statistics.fmean(c["agreement"] for c in cells),
                 "synthesis_seconds": statistics.fmean(c["synthesis_seconds"] for c in cells),
                 "reconstruction_seconds": _mean_or_none([c.get("reconstruction_seconds") for c in cells]),
+                **{
+                    key: _mean_or_none([(c.get("calibration_profile") or {}).get(key) for c in cells])
+                    for key in ("bn_loss", "confidence")
+                },
             }
         )
     means = {(r["task"], r["scheme"], r["source"]): r["top1"] for r in rows}
@@ -272,17 +278,19 @@ def quality_table(results: dict) -> str:
             f"### {task} (float top-1 {fl.get('top1', float('nan')):.2f} on {fl.get('n', '?')} images; "
             f"{fl.get('note', '')})",
             "",
-            "| scheme | source | seeds | top-1 % | vs real | gap closed | agreement % | synthesis s "
-            "| reconstruction s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| scheme | source | seeds | top-1 % | vs real | gap closed | agreement % | set BN loss | confidence "
+            "| synthesis s | reconstruction s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted((r for r in rows if r["task"] == task), key=lambda r: (r["scheme"], r["source"])):
             vs = f"{r['vs_real']:+.2f}" if r["vs_real"] is not None else "–"
             gap = f"{100 * r['gap_closed']:.0f} %" if r["gap_closed"] is not None and r["source"] != "real" else "–"
             recon = f"{r['reconstruction_seconds']:.1f}" if r["reconstruction_seconds"] is not None else "–"
+            bn = f"{r['bn_loss']:.4f}" if r["bn_loss"] is not None else "–"
+            confidence = f"{r['confidence']:.2f}" if r["confidence"] is not None else "–"
             lines.append(
                 f"| {r['scheme']} | {r['source']} | {r['seeds']} | {r['top1_text']} | {vs} | {gap} | "
-                f"{r['agreement']:.2f} | {r['synthesis_seconds']:.1f} | {recon} |"
+                f"{r['agreement']:.2f} | {bn} | {confidence} | {r['synthesis_seconds']:.1f} | {recon} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 from ._bn import BNStatistics as BNStatistics
 from ._bn import find_bn_layers as find_bn_layers
+from ._bn import profile_set as profile_set
 from ._set import CalibrationSet as CalibrationSet
 from ._set import SyntheticSet as SyntheticSet
 from ._set import model_fingerprint as model_fingerprint
@@ -23,5 +24,6 @@ __all__ = [
     "find_bn_layers",
     "list_sources",
     "model_fingerprint",
+    "profile_set",
     "register_source",
 ]

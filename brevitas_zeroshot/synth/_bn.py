@@ -1,5 +1,6 @@
 """BatchNorm statistics: hooks that read each BN layer's input, and the distances to the running statistics."""
 
+import contextlib
 import functools
 import logging
 import types
@@ -10,7 +11,7 @@ from torch import nn
 from .._errors import BzqError
 from ._bn_cpu import kernels
 
-__all__ = ["BNStatistics", "check_bn_statistics", "find_bn_layers", "BN_LOSSES"]
+__all__ = ["BNStatistics", "check_bn_statistics", "find_bn_layers", "profile_set", "BN_LOSSES"]
 
 _logger = logging.getLogger(__name__)
 
@@ -252,3 +253,34 @@ class BNStatistics:
         """Mean channel distance of each layer (for reports, not the hot loop)."""
         sums = torch.zeros(len(self.layers), device=channel_loss.device).index_add_(0, self.layer_index, channel_loss)
         return sums / torch.tensor(self.sizes, device=channel_loss.device, dtype=torch.float)
+
+
+@torch.no_grad()
+def profile_set(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
+    """How the float ``model`` (eval mode) sees a set of normalised ``images``, to compare calibration sources.
+
+    ``bn_loss``: the KL of the set's BN-input statistics, taken over the whole set as one group, to the running
+    statistics (what the synthesis minimises, ``BNStatistics.loss``; a synthetic set made in one group gets its
+    manifest's ``bn_loss_final``); ``bn_loss_early``/``bn_loss_late``: the mean over the first and the last third of
+    the BN layers; ``confidence``: the median of the model's top softmax probability. Images of the training
+    distribution match the statistics closely and are classified confidently (docs/results.md). Without BN
+    statistics, only ``confidence``."""
+    device = next(model.parameters()).device
+    stats = BNStatistics(model)
+    moments, top = [], []
+    with stats if stats.layers else contextlib.nullcontext():
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device)
+            top.append(model(x).float().softmax(1).amax(1).cpu())
+            if stats.layers:
+                moments.append(stats.moments() * len(x))
+    profile = {"confidence": float(torch.cat(top).median())} if top else {}
+    if moments:
+        channel = stats.channel_loss(torch.stack(moments).sum(0) / len(images))
+        layers, third = stats.per_layer(channel), max(len(stats.layers) // 3, 1)
+        profile |= {
+            "bn_loss": float((channel * stats.channel_weight).sum()),
+            "bn_loss_early": float(layers[:third].mean()),
+            "bn_loss_late": float(layers[-third:].mean()),
+        }
+    return profile
