@@ -1,6 +1,5 @@
 """BatchNorm statistics: hooks that read each BN layer's input, and the distances to the running statistics."""
 
-import contextlib
 import functools
 import logging
 import types
@@ -268,7 +267,7 @@ def profile_set(model: nn.Module, images: torch.Tensor, batch_size: int = 32) ->
     device = next(model.parameters()).device
     stats = BNStatistics(model)
     moments, top = [], []
-    with stats if stats.layers else contextlib.nullcontext():
+    with stats:
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
             top.append(model(x).float().softmax(1).amax(1).cpu())
