@@ -73,7 +73,7 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
     assert all(c["bn_loss_trace"] for c in cells if c["source"] == "gznq")
     # how the float model sees each set (one profile per set, the same in each scheme's cell)
     profiles = {(c["source"], c["seed"]): c["calibration_profile"] for c in cells}
-    assert all(0 < p["confidence"] <= 1 and p["bn_loss"] > 0 for p in profiles.values())
+    assert all(0 < p["confidence"] <= 1 and p["bn_loss"] > 0 and p["coverage"] > 0 for p in profiles.values())
     assert all(c["calibration_profile"] == profiles[c["source"], c["seed"]] for c in cells)
     # reconstruction's own wall time, beside synthesis's: issue 14 compares the two
     assert all(((c["reconstruction_seconds"] or 0) > 0) == c["scheme"].startswith("brevitas") for c in cells)
@@ -83,7 +83,7 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| brevitas-w4a4[reconstruct_iters=3] | gznq | 2 |" in table and "±" in table
     table_rows = [line for line in table.splitlines() if line.startswith(("| pt2e", "| brevitas"))]
-    assert "| set BN loss | confidence | synthesis s | reconstruction s |" in table
+    assert "| set BN loss | confidence | coverage | synthesis s | reconstruction s |" in table
     assert all(r.endswith("| – |") == r.startswith("| pt2e") for r in table_rows)
     assert json.loads((tmp_path / "results.json").read_text())["float"]["cifar_resnet20:tune"]["n"] == 50
 

@@ -47,6 +47,22 @@ def test_profile_set_measures_the_whole_set_as_one_group_as_the_synthesis_does(r
     assert set(profile_set(plain, made.images)) == {"confidence"}
 
 
+def test_profile_coverage_finds_the_directions_a_set_does_not_span(r20):
+    model, _ = r20
+    torch.manual_seed(0)
+    white = torch.randn(16, 3, 32, 32)
+    blocky = nn.functional.interpolate(torch.randn(16, 3, 4, 4), scale_factor=8)  # no detail finer than 8 pixels
+    assert profile_set(model, white, reference=white)["coverage"] < 1  # what it spans, it covers
+    other = profile_set(model, torch.randn(16, 3, 32, 32), reference=white)["coverage"]
+    assert other < 1.2  # other draws of the same distribution span the same directions
+    lacking = profile_set(model, blocky, reference=white, batch_size=3)
+    assert lacking["coverage"] > 3 * other
+    assert lacking == pytest.approx(profile_set(model, blocky, reference=white, batch_size=16), rel=1e-4)
+    assert "coverage" not in profile_set(model, white)
+    wide = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # no layer narrow enough to measure
+    assert set(profile_set(wide, white, reference=white)) == {"confidence"}
+
+
 def test_bn_layers_found_in_timm_families():
     for name in ("tf_efficientnet_lite0", "mobilenetv3_small_100", "regnetx_002", "resnet18"):
         model = timm.create_model(name, pretrained=False)

@@ -1,5 +1,6 @@
 """BatchNorm statistics: hooks that read each BN layer's input, and the distances to the running statistics."""
 
+import contextlib
 import functools
 import logging
 import types
@@ -255,7 +256,9 @@ class BNStatistics:
 
 
 @torch.no_grad()
-def profile_set(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
+def profile_set(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 32, reference: torch.Tensor | None = None
+) -> dict[str, float]:
     """How the float ``model`` (eval mode) sees a set of normalised ``images``, to compare calibration sources.
 
     ``bn_loss``: the KL of the set's BN-input statistics, taken over the whole set as one group, to the running
@@ -263,16 +266,27 @@ def profile_set(model: nn.Module, images: torch.Tensor, batch_size: int = 32) ->
     manifest's ``bn_loss_final``); ``bn_loss_early``/``bn_loss_late``: the mean over the first and the last third of
     the BN layers; ``confidence``: the median of the model's top softmax probability. Images of the training
     distribution match the statistics closely and are classified confidently (docs/results.md). Without BN
-    statistics, only ``confidence``."""
+    statistics, only ``confidence``.
+
+    With ``reference`` images (real ones, to diagnose a source), also ``coverage``: how well the set's layer-input
+    second moments, which GPTQ and reconstruction fit the weights to, span the reference's. Per layer, tr(H⁻¹ R) / d
+    with H the set's and R the reference's second moments (each scaled to trace d, H damped by 1 % of its mean
+    diagonal as GPTQ damps it), averaged over the convolutions (groups 1) and linear layers of input width ≤
+    1,024: below 1 where the set spans every direction the reference uses, more the less it does."""
     device = next(model.parameters()).device
     stats = BNStatistics(model)
     moments, top = [], []
-    with stats:
+    with stats, _InputMoments(model) if reference is not None else contextlib.nullcontext() as inputs:
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
             top.append(model(x).float().softmax(1).amax(1).cpu())
             if stats.layers:
                 moments.append(stats.moments() * len(x))
+        if reference is not None:
+            own = inputs.take()
+            for start in range(0, len(reference), batch_size):
+                model(reference[start : start + batch_size].to(device))
+            covered = [_coverage(h, r) for h, r in zip(own, inputs.take(), strict=True) if h is not None]
     profile = {"confidence": float(torch.cat(top).median())} if top else {}
     if moments:
         channel = stats.channel_loss(torch.stack(moments).sum(0) / len(images))
@@ -282,4 +296,53 @@ def profile_set(model: nn.Module, images: torch.Tensor, batch_size: int = 32) ->
             "bn_loss_early": float(layers[:third].mean()),
             "bn_loss_late": float(layers[-third:].mean()),
         }
+    if reference is not None and covered:
+        profile["coverage"] = sum(covered) / len(covered)
     return profile
+
+
+class _InputMoments:
+    """Hooks summing each eligible layer's input second moments (over images and positions) until ``take``."""
+
+    def __init__(self, model: nn.Module, max_width: int = 1024):
+        def width(m):
+            return m.in_channels * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else m.in_features
+
+        self.layers = [
+            m
+            for m in model.modules()
+            if (isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear)) and width(m) <= max_width
+        ]
+        self.sums: list = [None] * len(self.layers)
+        self.counts = [0] * len(self.layers)
+
+    def _hook(self, i: int, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().float()
+        if isinstance(module, nn.Conv2d):  # each output position's receptive field is one input vector
+            x = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+            x = x.transpose(1, 2)
+        x = x.reshape(-1, x.shape[-1])
+        self.sums[i] = (x.T @ x).double() + (0 if self.sums[i] is None else self.sums[i])
+        self.counts[i] += len(x)
+
+    def take(self) -> list:
+        """Each layer's mean second moment since the last call (None for a layer that did not run)."""
+        taken = [s / c if s is not None else None for s, c in zip(self.sums, self.counts, strict=True)]
+        self.sums, self.counts = [None] * len(self.layers), [0] * len(self.layers)
+        return taken
+
+    def __enter__(self):
+        hooks = [functools.partial(self._hook, i) for i in range(len(self.layers))]
+        self.handles = [m.register_forward_pre_hook(h) for m, h in zip(self.layers, hooks, strict=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _coverage(h: torch.Tensor, r: torch.Tensor) -> float:
+    d = len(h)
+    h, r = h * (d / h.trace()), r * (d / r.trace())
+    damped = h + 0.01 * torch.eye(d, dtype=h.dtype, device=h.device)  # the mean diagonal is 1 after scaling
+    return float(torch.linalg.solve(damped, r).trace() / d)
