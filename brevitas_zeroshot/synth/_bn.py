@@ -286,7 +286,7 @@ def profile_set(
             own = inputs.take()
             for start in range(0, len(reference), batch_size):
                 model(reference[start : start + batch_size].to(device))
-            covered = [_coverage(h, r) for h, r in zip(own, inputs.take(), strict=True) if h is not None]
+            covered = [_coverage(h, r) for h, r in zip(own, inputs.take(), strict=True) if _measured(h, r)]
     profile = {"confidence": float(torch.cat(top).median())} if top else {}
     if moments:
         channel = stats.channel_loss(torch.stack(moments).sum(0) / len(images))
@@ -318,7 +318,9 @@ class _InputMoments:
 
     def _hook(self, i: int, module: nn.Module, args: tuple) -> None:
         x = args[0].detach().float()
-        if isinstance(module, nn.Conv2d):  # each output position's receptive field is one input vector
+        # each output position's receptive field is one input vector (a TF-'same' convolution pads inside its forward:
+        # its border positions are left out, for every set alike)
+        if isinstance(module, nn.Conv2d):
             x = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
             x = x.transpose(1, 2)
         x = x.reshape(-1, x.shape[-1])
@@ -339,6 +341,11 @@ class _InputMoments:
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _measured(h: torch.Tensor | None, r: torch.Tensor | None) -> bool:
+    """Whether a layer ran on both sets with some input (a layer whose inputs are all zero spans nothing)."""
+    return h is not None and r is not None and h.trace() > 0 and r.trace() > 0
 
 
 def _coverage(h: torch.Tensor, r: torch.Tensor) -> float:
