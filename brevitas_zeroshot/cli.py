@@ -47,7 +47,9 @@ IterationsOpt = Annotated[
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images whose statistics are matched together.")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
-InitOpt = Annotated[str, typer.Option("--init", help="diverse (per-image colour/contrast/structure) or noise.")]
+InitOpt = Annotated[
+    str, typer.Option("--init", help="diverse (per-image colour, contrast, structure), natural (1/f structure), noise.")
+]
 LossOpt = Annotated[str, typer.Option("--loss", help="BN loss: kl (GZNQ), kl_forward, or l2 (ZeroQ square loss).")]
 ParamOpt = Annotated[
     str, typer.Option("--param", help="distribution (learned per-pixel Gaussian) or pixel (plain pixels).")

@@ -491,6 +491,41 @@ def test_diverse_init_gives_varied_images_and_canvas_keeps_the_input_size(r20):
         SynthesisConfig(jitter=-0.1)
 
 
+def test_natural_init_starts_from_photograph_like_spectra_and_colours(r20):
+    """``init="natural"``: a 1/f amplitude spectrum (power falling as f^-2, as in photographs) and one luminance
+    field shared by the channels; "diverse" has neither."""
+    model, cfg = r20
+
+    def slopes(x):  # of log power against log frequency, over 1/32 .. 1/8 and 1/8 .. 1/2 cycles per pixel
+        p = torch.fft.rfft2(x - x.mean((-2, -1), keepdim=True)).abs().pow(2).mean((0, 1))
+        fy, fx = torch.fft.fftfreq(x.shape[-2]).abs()[:, None], torch.fft.rfftfreq(x.shape[-1])[None]
+        f = torch.sqrt(fy**2 + fx**2)
+        edges = torch.logspace(-5, -1, 9, base=2)
+        centres = torch.stack([(lo * hi).sqrt().log() for lo, hi in zip(edges, edges[1:])])
+        powers = torch.stack([p[(f > lo) & (f <= hi)].mean().log() for lo, hi in zip(edges, edges[1:])])
+        return [float((powers[j] - powers[i]) / (centres[j] - centres[i])) for i, j in ((0, 3), (4, 7))]
+
+    def colour_correlation(x):  # of the red and green channels within each image
+        x = x - x.mean((-2, -1), keepdim=True)
+        return float(((x[:, 0] * x[:, 1]).mean((-2, -1)) / (x[:, 0].std((-2, -1)) * x[:, 1].std((-2, -1)))).mean())
+
+    gen = torch.Generator().manual_seed(0)
+    start = {
+        init: Synthesiser(model, cfg, init=init, **TINY)._init_images((16, 3, 128, 128), gen)
+        for init in ("natural", "diverse")
+    }
+    assert all(-2.4 < a < -1.6 for a in slopes(start["natural"]))
+    low, high = slopes(start["diverse"])  # smooth structure falling steeply, then white noise
+    assert low < -3 and high > -1
+    made = {
+        init: Synthesiser(model, cfg, init=init, **{**TINY, "iterations": 0}).generate(show_progress=False).images
+        for init in ("natural", "diverse")
+    }
+    assert colour_correlation(made["natural"]) > 0.6 > 0.2 > colour_correlation(made["diverse"])
+    with pytest.raises(BzqError, match="natural"):
+        SynthesisConfig(init="pink")
+
+
 def test_micro_batches_give_the_whole_batch_statistics_gradient_and_set():
 
     from brevitas_zeroshot.synth import Synthesiser

@@ -44,6 +44,8 @@ from ._set import (
 
 __all__ = ["SynthesisConfig", "Synthesiser", "balanced_labels"]
 
+INITS = ("diverse", "natural", "noise")
+
 
 def _distributed() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
@@ -114,7 +116,10 @@ class SynthesisConfig:
     lr: float = 0.1
     bn_loss: str = "kl"  # "kl" (GZNQ: Gaussian KL per channel) or "l2" (ZeroQ/DeepInversion square loss)
     parameterization: str = "distribution"  # "distribution" (learned per-pixel mean + log-std) or "pixel"
-    init: str = "diverse"  # per-image colour, contrast and smooth structure; "noise": white N(0, 1)
+    # Starting images: "diverse" (per-image colour, contrast and smooth structure), "natural" (the same, with the
+    # structure a 1/f field as in photographs: image-scale shading the BN loss barely asks for, docs/method.md), or
+    # "noise" (white N(0, 1)).
+    init: str = "diverse"
     init_std: float = 0.1  # initial per-pixel std of the learned distribution, in normalised units
     draws: int = 1  # images drawn from each learned distribution (distribution parameterisation only)
     bn_weight: float = 1.0
@@ -165,8 +170,8 @@ class SynthesisConfig:
             raise BzqError(f"batch_size ({self.batch_size}) must be a multiple of draws ({self.draws}).")
         if self.parameterization == "pixel" and self.draws != 1:
             raise BzqError("draws > 1 needs the distribution parameterisation.")
-        if self.init not in ("noise", "diverse"):
-            raise BzqError(f"init must be 'noise' or 'diverse', not {self.init!r}.")
+        if self.init not in INITS:
+            raise BzqError(f"init must be one of {', '.join(INITS)}; not {self.init!r}.")
         if self.smooth < 0:
             raise BzqError("smooth must be 0 (off) or a positive sigma in pixels.")
         if self.canvas < 0:
@@ -190,6 +195,15 @@ def _gaussian_kernel(sigma: float, channels: int, device: torch.device, radius: 
 
 
 @torch.no_grad()
+def _pink(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Gaussian fields with a 1/f amplitude spectrum (the power law of photographs), unit std per image and channel."""
+    h, w = shape[-2:]
+    fy, fx = torch.fft.fftfreq(h, device=device)[:, None], torch.fft.rfftfreq(w, device=device)[None]
+    amplitude = 1 / torch.sqrt(fy**2 + fx**2).clamp(min=1 / max(h, w))
+    field = torch.fft.irfft2(torch.fft.rfft2(torch.randn(shape, generator=gen, device=device)) * amplitude, s=(h, w))
+    return field / field.std((-2, -1), keepdim=True)
+
+
 def _upsampled(t: torch.Tensor, size: tuple[int, int], scale: float = 1.0) -> torch.Tensor:
     """``t`` resized bilinearly to ``size`` and multiplied by ``scale``, channels-last (a new leaf)."""
     t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
@@ -847,6 +861,11 @@ class Synthesiser:
         if self.config.init == "noise":
             return torch.randn(shape, generator=gen, device=dev)
         n, c, h, w = shape
+        if self.config.init == "natural":
+            offset = 0.5 * torch.randn((n, c, 1, 1), generator=gen, device=dev)
+            contrast = 0.5 + 0.75 * torch.rand((n, 1, 1, 1), generator=gen, device=dev)
+            # one luminance field shared by the channels, and a weaker one per channel (colour)
+            return offset + contrast * (_pink((n, 1, h, w), gen, dev) + 0.4 * _pink(shape, gen, dev)) / 1.08
         offset = 0.5 * torch.randn((n, c, 1, 1), generator=gen, device=dev)
         contrast = 0.25 + 0.75 * torch.rand((n, 1, 1, 1), generator=gen, device=dev)
         coarse = torch.randn((n, c, max(2, h // 8), max(2, w // 8)), generator=gen, device=dev)
