@@ -194,7 +194,6 @@ def _gaussian_kernel(sigma: float, channels: int, device: torch.device, radius: 
     return (k[:, None] * k[None, :]).expand(channels, 1, -1, -1).contiguous()
 
 
-@torch.no_grad()
 def _pink(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """Gaussian fields with a 1/f amplitude spectrum (the power law of photographs), unit std per image and channel."""
     h, w = shape[-2:]
@@ -204,6 +203,7 @@ def _pink(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) ->
     return field / field.std((-2, -1), keepdim=True)
 
 
+@torch.no_grad()
 def _upsampled(t: torch.Tensor, size: tuple[int, int], scale: float = 1.0) -> torch.Tensor:
     """``t`` resized bilinearly to ``size`` and multiplied by ``scale``, channels-last (a new leaf)."""
     t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
