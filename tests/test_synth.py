@@ -501,8 +501,9 @@ def test_natural_init_starts_from_photograph_like_spectra_and_colours(r20):
         fy, fx = torch.fft.fftfreq(x.shape[-2]).abs()[:, None], torch.fft.rfftfreq(x.shape[-1])[None]
         f = torch.sqrt(fy**2 + fx**2)
         edges = torch.logspace(-5, -1, 9, base=2)
-        centres = torch.stack([(lo * hi).sqrt().log() for lo, hi in zip(edges, edges[1:])])
-        powers = torch.stack([p[(f > lo) & (f <= hi)].mean().log() for lo, hi in zip(edges, edges[1:])])
+        bands = list(zip(edges[:-1], edges[1:], strict=True))
+        centres = torch.stack([(lo * hi).sqrt().log() for lo, hi in bands])
+        powers = torch.stack([p[(f > lo) & (f <= hi)].mean().log() for lo, hi in bands])
         return [float((powers[j] - powers[i]) / (centres[j] - centres[i])) for i, j in ((0, 3), (4, 7))]
 
     def colour_correlation(x):  # of the red and green channels within each image
