@@ -116,9 +116,9 @@ class SynthesisConfig:
     lr: float = 0.1
     bn_loss: str = "kl"  # "kl" (GZNQ: Gaussian KL per channel) or "l2" (ZeroQ/DeepInversion square loss)
     parameterization: str = "distribution"  # "distribution" (learned per-pixel mean + log-std) or "pixel"
-    # Starting images: "diverse" (per-image colour, contrast and smooth structure), "natural" (the same, with the
-    # structure a 1/f field as in photographs: image-scale shading the BN loss barely asks for, docs/method.md), or
-    # "noise" (white N(0, 1)).
+    # Starting images: "diverse" (per-image colour, contrast and smooth structure), "natural" (per-image colour and
+    # contrast, with 1/f luminance fields as structure, as in photographs: the image-scale shading the BN loss barely
+    # asks for; an option, docs/method.md), or "noise" (white N(0, 1)).
     init: str = "diverse"
     init_std: float = 0.1  # initial per-pixel std of the learned distribution, in normalised units
     draws: int = 1  # images drawn from each learned distribution (distribution parameterisation only)
@@ -864,7 +864,7 @@ class Synthesiser:
         if self.config.init == "natural":
             offset = 0.5 * torch.randn((n, c, 1, 1), generator=gen, device=dev)
             contrast = 0.5 + 0.75 * torch.rand((n, 1, 1, 1), generator=gen, device=dev)
-            # one luminance field shared by the channels, and a weaker one per channel (colour)
+            # one luminance field shared by the channels, and a weaker one per channel (colour); / 1.08 ≈ √(1 + 0.4²)
             return offset + contrast * (_pink((n, 1, h, w), gen, dev) + 0.4 * _pink(shape, gen, dev)) / 1.08
         offset = 0.5 * torch.randn((n, c, 1, 1), generator=gen, device=dev)
         contrast = 0.25 + 0.75 * torch.rand((n, 1, 1, 1), generator=gen, device=dev)
