@@ -861,13 +861,12 @@ class Synthesiser:
         if self.config.init == "noise":
             return torch.randn(shape, generator=gen, device=dev)
         n, c, h, w = shape
-        if self.config.init == "natural":
-            offset = 0.5 * torch.randn((n, c, 1, 1), generator=gen, device=dev)
-            contrast = 0.5 + 0.75 * torch.rand((n, 1, 1, 1), generator=gen, device=dev)
+        natural = self.config.init == "natural"
+        offset = 0.5 * torch.randn((n, c, 1, 1), generator=gen, device=dev)
+        contrast = (0.5 if natural else 0.25) + 0.75 * torch.rand((n, 1, 1, 1), generator=gen, device=dev)
+        if natural:
             # one luminance field shared by the channels, and a weaker one per channel (colour); / 1.08 ≈ √(1 + 0.4²)
             return offset + contrast * (_pink((n, 1, h, w), gen, dev) + 0.4 * _pink(shape, gen, dev)) / 1.08
-        offset = 0.5 * torch.randn((n, c, 1, 1), generator=gen, device=dev)
-        contrast = 0.25 + 0.75 * torch.rand((n, 1, 1, 1), generator=gen, device=dev)
         coarse = torch.randn((n, c, max(2, h // 8), max(2, w // 8)), generator=gen, device=dev)
         smooth = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
         fine = torch.randn(shape, generator=gen, device=dev)
