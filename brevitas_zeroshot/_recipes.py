@@ -15,7 +15,15 @@ import yaml
 
 from ._errors import BzqError
 
-__all__ = ["RECIPE_INFO_KEYS", "find_recipe", "list_recipes", "load_recipe", "parse_quant_settings", "recipe_dirs"]
+__all__ = [
+    "RECIPE_INFO_KEYS",
+    "find_recipe",
+    "list_recipes",
+    "load_recipe",
+    "parse_quant_settings",
+    "recipe_dirs",
+    "recipe_hint",
+]
 
 # Keys that describe a recipe rather than configure the run.
 RECIPE_INFO_KEYS: dict[str, type] = {
@@ -170,3 +178,28 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple["PipelineC
         key = key or next((k for k in keys if wheres.get(k, "").startswith("--set")), None)
         key = key or next((k for k in keys if k in wheres), None)
         raise BzqError(f"{wheres[key]}: {e}" if key else f"{path}: {e}") from None
+
+
+def recipe_hint(config: "PipelineConfig") -> str | None:  # noqa: F821
+    """A line pointing to the tested recipe for ``config``'s model and scheme (``MODEL-wWaA-BACKEND``) when the run
+    calibrates on the same source but differs from it in a setting the recipe chooses (images, synthesis or
+    quantization); else None."""
+    from .synth import SynthesisConfig
+
+    name = f"{config.model}-w{config.w_bits}a{config.a_bits}-{config.backend}"
+    path = next((p for p in list_recipes() if p.stem == name), None)
+    try:
+        recipe, info = load_recipe(path) if path else (None, {})
+    except BzqError:  # a broken recipe of the user's ($BZQ_RECIPES) must not stop an unrelated run
+        return None
+    if recipe is None or recipe.calib != config.calib:
+        return None
+    ours, theirs = SynthesisConfig(**config.synthesis), SynthesisConfig(**recipe.synthesis)
+    quant, recipe_quant = dataclasses.asdict(config.quant_config()), dataclasses.asdict(recipe.quant_config())
+    differ = [f"images={recipe.images}"] if config.images != recipe.images else []
+    differ += [f"{k}={v}" for k, v in recipe.synthesis.items() if getattr(ours, k) != getattr(theirs, k)]
+    differ += [f"{k}={recipe_quant[k]}" for k in recipe.quant if quant[k] != recipe_quant[k]]
+    if not differ:
+        return None
+    expected = f" (measured top-1 {info['expected_top1']:.1f})" if "expected_top1" in info else ""
+    return f"the tested recipe {name}{expected} sets {', '.join(differ)}: bzq recipe run {name}"

@@ -392,7 +392,7 @@ def quantize(
     Everything is checked before any work; the new result replaces what is in --out only once it is complete.
     """
     from ._pipeline import PipelineConfig
-    from ._recipes import parse_quant_settings
+    from ._recipes import parse_quant_settings, recipe_hint
     from .quant._registry import quant_keys
 
     o = dict(locals())
@@ -401,6 +401,9 @@ def quantize(
         quant={**{k: v for k, v in o.items() if k in quant_keys()}, **parse_quant_settings(settings or [])},
         synthesis=_synthesis(o),
     )
+    hint = recipe_hint(config)
+    if hint:
+        typer.echo(f"note: {hint}", err=True)
     _quantize(config, as_json, "bzq " + shlex.join(sys.argv[1:]))
 
 

@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from brevitas_zeroshot import BzqError, load_model
-from brevitas_zeroshot._recipes import find_recipe, list_recipes, load_recipe
+from brevitas_zeroshot._pipeline import PipelineConfig
+from brevitas_zeroshot._recipes import find_recipe, list_recipes, load_recipe, recipe_hint
 from brevitas_zeroshot.cli import app
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -79,6 +80,29 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_recipe(path, ["colour=red"])
     with pytest.raises(BzqError, match="no recipe 'nope'"):
         find_recipe("nope")
+
+
+def test_quantize_points_to_the_tested_recipe_where_its_settings_differ(tmp_path):
+    # EfficientNet-Lite0 W4A8: the recipe's synthesis settings beat the library defaults (docs/results.md)
+    plain = PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=8)
+    hint = recipe_hint(plain)
+    assert "tf_efficientnet_lite0-w4a8-brevitas" in hint and "measured top-1" in hint
+    assert "init=natural" in hint and "first_bn_weight=50.0" in hint and "images" not in hint
+    recipe, _ = load_recipe(find_recipe("tf_efficientnet_lite0-w4a8-brevitas"))
+    assert recipe_hint(recipe) is None  # the recipe itself, or a run with its settings
+    assert (
+        recipe_hint(PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=8, calib="gaussian"))
+        is None
+    )
+    assert recipe_hint(PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=4)) is None
+    fewer = PipelineConfig(model="mobilenetv2_100", out=tmp_path, w_bits=4, a_bits=8, images=64)
+    assert "sets images=128:" in recipe_hint(fewer)
+    # the CLI says it on stderr before any work (here the run then stops: --out is a file)
+    (tmp_path / "file").write_text("x")
+    args = ["quantize", "tf_efficientnet_lite0", "--out", str(tmp_path / "file"), "--w-bits", "4", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "note: the tested recipe tf_efficientnet_lite0-w4a8-brevitas" in result.stderr
+    assert "tested recipe" not in result.stdout
 
 
 def test_recipe_run_quantizes_and_records_the_command(resnet20_weights, tmp_path):
