@@ -197,7 +197,8 @@ def recipe_hint(config: "PipelineConfig") -> str | None:  # noqa: F821
     ours, theirs = SynthesisConfig(**config.synthesis), SynthesisConfig(**recipe.synthesis)
     quant, recipe_quant = dataclasses.asdict(config.quant_config()), dataclasses.asdict(recipe.quant_config())
     differ = [f"images={recipe.images}"] if config.images != recipe.images else []
-    differ += [f"{k}={v}" for k, v in recipe.synthesis.items() if getattr(ours, k) != getattr(theirs, k)]
+    # a run's None (iterations, low_res) resolves by input size, often to the recipe's value: not a difference
+    differ += [f"{k}={v}" for k, v in recipe.synthesis.items() if getattr(ours, k) not in (None, getattr(theirs, k))]
     differ += [f"{k}={recipe_quant[k]}" for k in recipe.quant if quant[k] != recipe_quant[k]]
     if not differ:
         return None
