@@ -187,12 +187,11 @@ def recipe_hint(config: "PipelineConfig") -> str | None:  # noqa: F821
     from .synth import SynthesisConfig
 
     name = f"{config.model}-w{config.w_bits}a{config.a_bits}-{config.backend}"
-    path = next((p for p in list_recipes() if p.stem == name), None)
     try:
-        recipe, info = load_recipe(path) if path else (None, {})
-    except BzqError:  # a broken recipe of the user's ($BZQ_RECIPES) must not stop an unrelated run
+        recipe, info = load_recipe(find_recipe(name))
+    except BzqError:  # no such recipe, or a broken one of the user's ($BZQ_RECIPES): never stops the run
         return None
-    if recipe is None or recipe.calib != config.calib:
+    if recipe.calib != config.calib:
         return None
     ours, theirs = SynthesisConfig(**config.synthesis), SynthesisConfig(**recipe.synthesis)
     quant, recipe_quant = dataclasses.asdict(config.quant_config()), dataclasses.asdict(recipe.quant_config())
