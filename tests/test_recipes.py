@@ -97,6 +97,8 @@ def test_quantize_points_to_the_tested_recipe_where_its_settings_differ(tmp_path
     assert recipe_hint(PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=4)) is None
     fewer = PipelineConfig(model="mobilenetv2_100", out=tmp_path, w_bits=4, a_bits=8, images=64)
     assert "sets images=128:" in recipe_hint(fewer)
+    # a setting the run leaves to the input size is no difference: the CIFAR recipe's 200 steps are the 32 px default
+    assert recipe_hint(PipelineConfig(model="cifar_resnet20", out=tmp_path, w_bits=4, a_bits=4, images=256)) is None
     # the CLI says it on stderr before any work (here the run then stops: --out is a file)
     (tmp_path / "file").write_text("x")
     args = ["quantize", "tf_efficientnet_lite0", "--out", str(tmp_path / "file"), "--w-bits", "4", "--json"]
