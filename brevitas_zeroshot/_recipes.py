@@ -184,6 +184,8 @@ def recipe_hint(config: "PipelineConfig") -> str | None:  # noqa: F821
     """A line pointing to the tested recipe for ``config``'s model and scheme (``MODEL-wWaA-BACKEND``) when the run
     calibrates on the same source but differs from it in a setting the recipe chooses (images, synthesis or
     quantization); else None."""
+    import timm
+
     from .synth import SynthesisConfig
 
     name = f"{config.model}-w{config.w_bits}a{config.a_bits}-{config.backend}"
@@ -194,9 +196,12 @@ def recipe_hint(config: "PipelineConfig") -> str | None:  # noqa: F821
     if recipe.calib != config.calib:
         return None
     ours, theirs = SynthesisConfig(**config.synthesis), SynthesisConfig(**recipe.synthesis)
+    pretrained = timm.models.get_pretrained_cfg(config.model)  # the input size, without building the model
+    if pretrained is not None:  # iterations and low_res resolve by input size, often to the recipe's values
+        side = min(pretrained.input_size[1:])
+        ours, theirs = ours.for_input(side), theirs.for_input(side)
     quant, recipe_quant = dataclasses.asdict(config.quant_config()), dataclasses.asdict(recipe.quant_config())
     differ = [f"images={recipe.images}"] if config.images != recipe.images else []
-    # a run's None (iterations, low_res) resolves by input size, often to the recipe's value: not a difference
     differ += [f"{k}={v}" for k, v in recipe.synthesis.items() if getattr(ours, k) not in (None, getattr(theirs, k))]
     differ += [f"{k}={recipe_quant[k]}" for k in recipe.quant if quant[k] != recipe_quant[k]]
     if not differ:

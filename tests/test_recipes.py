@@ -82,7 +82,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
         find_recipe("nope")
 
 
-def test_quantize_points_to_the_tested_recipe_where_its_settings_differ(tmp_path):
+def test_quantize_points_to_the_tested_recipe_where_its_settings_differ(tmp_path, monkeypatch):
     # EfficientNet-Lite0 W4A8: the recipe's synthesis settings beat the library defaults (docs/results.md)
     plain = PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=8)
     hint = recipe_hint(plain)
@@ -99,6 +99,15 @@ def test_quantize_points_to_the_tested_recipe_where_its_settings_differ(tmp_path
     assert "sets images=128:" in recipe_hint(fewer)
     # a setting the run leaves to the input size is no difference: the CIFAR recipe's 200 steps are the 32 px default
     assert recipe_hint(PipelineConfig(model="cifar_resnet20", out=tmp_path, w_bits=4, a_bits=4, images=256)) is None
+    # ... and is compared once resolved: a recipe of the user's that sets other steps than the 32 px default
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    text = find_recipe("cifar_resnet20-w4a4-brevitas").read_text().replace("iterations: 200", "iterations: 300")
+    (mine / "cifar_resnet20-w4a4-brevitas.yaml").write_text(text)
+    monkeypatch.setenv("BZQ_RECIPES", str(mine))
+    hint = recipe_hint(PipelineConfig(model="cifar_resnet20", out=tmp_path, w_bits=4, a_bits=4, images=256))
+    assert "sets iterations=300:" in hint
+    monkeypatch.delenv("BZQ_RECIPES")
     # the CLI says it on stderr before any work (here the run then stops: --out is a file)
     (tmp_path / "file").write_text("x")
     args = ["quantize", "tf_efficientnet_lite0", "--out", str(tmp_path / "file"), "--w-bits", "4", "--json"]

@@ -648,6 +648,17 @@ def test_a_batch_gone_bad_among_others_is_made_again_alone(r20, monkeypatch):
     assert diff[0] < 0.2 and diff[2] < 0.2 and diff[1] > 0.2, diff  # the restart took half the learning rate
 
 
+def test_settings_left_to_the_input_size_resolve_by_its_side(r20):
+    # ImageNet-size inputs: 100 steps, 85 % of them at half size; CIFAR: 200 at full size; a value given is kept
+    large, small = SynthesisConfig().for_input(224), SynthesisConfig().for_input(32)
+    assert (large.iterations, large.low_res, small.iterations, small.low_res) == (100, 0.85, 200, 0.0)
+    given = SynthesisConfig(iterations=7, low_res=0.5).for_input(32)
+    assert (given.iterations, given.low_res) == (7, 0.5)
+    model, cfg = r20
+    config = Synthesiser(model, cfg, "cpu", num_images=2, batch_size=2).config
+    assert (config.iterations, config.low_res) == (200, 0.0)  # what will run, as the manifest records it
+
+
 def test_low_res_steps_learn_half_size_images_then_full_size_with_the_learning_rate_restarted(r20, monkeypatch):
     model, cfg = r20
     sizes, lrs, learned = [], [], []

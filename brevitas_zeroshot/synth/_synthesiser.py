@@ -6,7 +6,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -185,6 +185,16 @@ class SynthesisConfig:
         if self.low_res is not None and not 0 <= self.low_res < 1:
             raise BzqError("low_res must be a fraction of the iterations in [0, 1).")
 
+    def for_input(self, side: int) -> "SynthesisConfig":
+        """This config with the settings left to the input size (``iterations``, ``low_res``: None) resolved for
+        images whose shorter side is ``side`` pixels."""
+        large = side >= 128  # ImageNet-size inputs: the half-size schedule, and fewer steps under it
+        return replace(
+            self,
+            iterations=(100 if large else 200) if self.iterations is None else self.iterations,
+            low_res=(LOW_RES_DEFAULT if large else 0.0) if self.low_res is None else self.low_res,
+        )
+
 
 def _gaussian_kernel(sigma: float, channels: int, device: torch.device, radius: int | None = None) -> torch.Tensor:
     radius = radius or max(1, round(2 * sigma))
@@ -276,11 +286,7 @@ class Synthesiser:
             )
         self.num_classes = int(self.data_config.get("num_classes") or getattr(model, "num_classes", 0) or 0)
         c, h, w = self.data_config["input_size"]
-        large = min(h, w) >= 128  # ImageNet-size inputs: the half-size schedule, and fewer steps under it
-        if self.config.low_res is None:
-            self.config.low_res = LOW_RES_DEFAULT if large else 0.0
-        if self.config.iterations is None:
-            self.config.iterations = 100 if large else 200
+        self.config = self.config.for_input(min(h, w))
         mean = torch.tensor(self.data_config["mean"], dtype=torch.float).view(1, c, 1, 1)
         std = torch.tensor(self.data_config["std"], dtype=torch.float).view(1, c, 1, 1)
         self.low, self.high = ((0 - mean) / std).to(self.device), ((1 - mean) / std).to(self.device)
