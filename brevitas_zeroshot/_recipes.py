@@ -202,6 +202,7 @@ def recipe_hint(config: "PipelineConfig") -> str | None:  # noqa: F821
         ours, theirs = ours.for_input(side), theirs.for_input(side)
     quant, recipe_quant = dataclasses.asdict(config.quant_config()), dataclasses.asdict(recipe.quant_config())
     differ = [f"images={recipe.images}"] if config.images != recipe.images else []
+    # a None left (no input size known: hf-hub:, local-dir:) may resolve to the recipe's value: not a difference
     differ += [f"{k}={v}" for k, v in recipe.synthesis.items() if getattr(ours, k) not in (None, getattr(theirs, k))]
     differ += [f"{k}={recipe_quant[k]}" for k in recipe.quant if quant[k] != recipe_quant[k]]
     if not differ:
