@@ -1507,3 +1507,35 @@ def test_brevitas_preparation_keeps_every_tensor_on_the_model_device():
     prepared = prepare_for_brevitas(model, (3, 32, 32))
     assert not any(isinstance(m, (BatchNormAct2d, Conv2dSame)) for m in prepared.modules())
     assert {t.device.type for t in itertools.chain(prepared.parameters(), prepared.buffers())} == {"meta"}
+
+
+def test_convolutions_compare_bias_steps_per_channel_with_the_same_outputs(monkeypatch):
+    # Brevitas 0.13 compares a convolution's bias step (C,) with its output step (1, C, 1, 1) through a broadcast
+    # C x C allclose on every forward; channel_bias_steps makes it the per-channel comparison without changing values
+    # (graph mode: layerwise layers have no bias quantizer)
+    import brevitas.quant_tensor.int_torch_handler as handler
+
+    from brevitas_zeroshot.quant._brevitas import channel_bias_steps
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=4)
+    qmodel, _ = quantize(model, calib, BrevitasConfig(w_bits=4, a_bits=8, reconstruct=False))
+    table = dict(handler.INT_QUANT_TENSOR_FN_HANDLER)
+    compared = []
+    allclose = torch.allclose
+
+    def spy(a, b, *args, **kwargs):
+        compared.append((a.shape, b.shape, torch.broadcast_shapes(a.shape, b.shape).numel()))
+        return allclose(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(handler.torch, "allclose", spy)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = qmodel(x)
+        broadcast, compared[:] = list(compared), []
+        with channel_bias_steps():
+            fast = qmodel(x)
+    assert torch.equal(_value(plain), _value(fast))
+    assert any(n > 16 * 16 for _, _, n in broadcast)  # what Brevitas does alone: 16 x 16 and more in ResNet-20
+    assert compared and all(a.numel() == n and b.numel() == n for a, b, n in compared)
+    assert table == handler.INT_QUANT_TENSOR_FN_HANDLER  # Brevitas's own handlers are back
