@@ -705,7 +705,9 @@ def test_reconstruction_lowers_block_errors_reloads_and_exports(resnet20, graph,
     assert report["graph"] == graph and report["reconstruction"]["mode"] == ("blocks" if graph == "fx" else "layers")
     assert len(units) == (11 if graph == "fx" else 20)  # residual blocks + stem + head; or 19 convs + fc
     assert all(u["mse_after"] <= u["mse_before"] for u in units)  # never worse than round-to-nearest
-    assert sum(u["mse_after"] for u in units) < 0.95 * sum(u["mse_before"] for u in units), units
+    learned = [u for u in units if "skipped" not in u]  # all but the 8-bit first and last layers
+    assert len(learned) == len(units) - 2
+    assert sum(u["mse_after"] for u in learned) < 0.95 * sum(u["mse_before"] for u in learned), units
     assert all(u["seconds"] > 0 for u in units)
     assert sum(u["seconds"] for u in units) <= report["reconstruction"]["seconds"]
     plain, _ = quantize(model, calib, BrevitasConfig(**{**config.__dict__, "reconstruct": False}))
@@ -870,7 +872,9 @@ def test_reconstruction_with_flip_learns_on_the_mirror_images_too(monkeypatch):
 
     monkeypatch.setattr(_reconstruct, "_fit", recording_fit)
     for flip in (False, True):
-        config = BrevitasConfig(w_bits=4, a_bits=4, reconstruct_iters=1, reconstruct_flip=flip)
+        config = BrevitasConfig(
+            w_bits=4, a_bits=4, reconstruct_iters=1, reconstruct_flip=flip, reconstruct_wide_units=True
+        )
         _, report = quantize(model, calib, config)
     assert torch.equal(seen[False], calib.images)
     assert torch.equal(seen[True], torch.cat([calib.images, calib.images.flip(-1)]))
@@ -912,6 +916,43 @@ def test_reconstruction_round_weight_sets_how_firmly_the_roundings_are_decided()
     assert undecided[0.1] < 0.5 * undecided[0.0], undecided
     with pytest.raises(BzqError, match="reconstruct_round_weight"):
         BrevitasConfig(reconstruct_round_weight=-1.0)
+
+
+def test_reconstruction_leaves_units_with_no_quantizer_at_the_model_s_narrowest_width(monkeypatch):
+    """At W4A4 the stem (8-bit weights and output) and the classifier (8-bit) keep GPTQ's rounding and their calibrated
+    steps unless ``reconstruct_wide_units``; every other unit draws the same batches either way."""
+    from brevitas_zeroshot.quant import _reconstruct
+
+    model, cfg = random_r20()
+    calib = create_calibration_set("gaussian", model, cfg, num_images=16)
+    fit, draws = _reconstruct._fit, {}
+
+    def recording_fit(unit, inputs_q, targets, weights, config, rng, *args):
+        draws.setdefault(config.wide_units, {})[unit.name] = rng.getstate()
+        return fit(unit, inputs_q, targets, weights, config, rng, *args)
+
+    monkeypatch.setattr(_reconstruct, "_fit", recording_fit)
+    base = dict(w_bits=4, a_bits=4, reconstruct_iters=20)
+    models, units = {}, {}
+    for wide in (False, True):
+        models[wide], report = quantize(model, calib, BrevitasConfig(**base, reconstruct_wide_units=wide))
+        units[wide] = report["reconstruction"]["units"]
+    plain, _ = quantize(model, calib, BrevitasConfig(**base, reconstruct=False, bias_correction=False, act_range="mse"))
+    skipped = [u["unit"] for u in units[False] if "skipped" in u]
+    assert skipped == [units[False][0]["unit"], units[False][-1]["unit"]] and len(units[False]) == 11
+    assert units[False][0]["skipped"] == "no quantizer below 8 bits"
+    assert not any("skipped" in u for u in units[True])
+    assert set(draws[False]) == set(draws[True]) - set(skipped)
+    assert all(draws[False][name] == draws[True][name] for name in draws[False])
+
+    def edges(q):  # the stem's and the classifier's integer weights, the stem output's step
+        layers = [m for m in q.modules() if hasattr(m, "quant_weight")]
+        return [layers[0].quant_weight().value, layers[-1].quant_weight().value, q.relu.act_quant.scale()]
+
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(edges(models[False]), edges(plain), strict=True))
+    _, w8a8 = quantize(model, calib, BrevitasConfig(reconstruct=True, reconstruct_iters=2))
+    assert not any("skipped" in u for u in w8a8["reconstruction"]["units"])  # nothing narrower anywhere
 
 
 class _Draws:
@@ -962,7 +1003,7 @@ def test_reconstruction_on_windows_lowers_block_errors_where_the_maps_are_large(
     model, cfg = resnet20
     calib = create_calibration_set("gaussian", model, cfg, num_images=16)
     config = BrevitasConfig(w_bits=4, a_bits=4, gptq=False, bias_correction=False, reconstruct_iters=100,
-                            reconstruct_crop=0.5)  # fmt: skip
+                            reconstruct_crop=0.5, reconstruct_wide_units=True)  # fmt: skip
     _, report = quantize(model, calib, config)
     units = report["reconstruction"]["units"]
     assert report["reconstruction"]["crop"] == 0.5 and len(units) == 11

@@ -101,6 +101,9 @@ class BrevitasConfig:
     # > 0: reconstruction learns on random windows of this fraction of each unit's output side (computed exactly,
     # about the window's area per step); 0: on whole images.
     reconstruct_crop: float = 0.0
+    # Reconstruction also learns units whose every quantizer is wider than the model's narrowest (the 8-bit stem and
+    # classifier below 8 bits): off, they keep GPTQ's rounding and their calibrated steps (docs/method.md).
+    reconstruct_wide_units: bool = False
     # Reconstruction after GPTQ learns whether to round each weight down or up from the value GPTQ rounded (its
     # error-compensated float weight), starting halfway from that value. False: from GPTQ's choice (learn_gptq_flips;
     # with both off, from GPTQ's rounded weights, where about 2 % of the roundings can move). Off: with our images it
@@ -847,6 +850,7 @@ def _quantize_brevitas(float_model: nn.Module, calibration, config: BrevitasConf
             fisher=config.reconstruct_fisher,
             flip=config.reconstruct_flip,
             crop=config.reconstruct_crop,
+            wide_units=config.reconstruct_wide_units,
             gptq_flips=config.gptq_flips,
         )
         report["reconstruction"] = reconstruct(qmodel, batches, settings, reference)
@@ -918,6 +922,7 @@ _ADDED = {
     "first_output_bits": None,
     "edge_bits_through_pads": False,
     "unsigned_pads": False,
+    "reconstruct_wide_units": True,
 }
 
 
