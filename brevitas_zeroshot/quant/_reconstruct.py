@@ -614,7 +614,8 @@ def reconstruct(
                   "crop": config.crop,
                   "units": []}  # fmt: skip
         narrowest = min(_widths(qmodel), default=0)
-        learn = [config.wide_units or min(_widths(u.q), default=0) <= narrowest for u in units]
+        widths = [min(_widths(u.q), default=0) for u in units]
+        learn = [config.wide_units or w <= narrowest for w in widths]
         bar = progress(total=sum(learn) * config.iterations, desc="reconstruction", unit="it")
         log = _logger.info if bar.disable else _logger.debug  # a line per unit where no bar shows progress
         for i, (unit, weights) in enumerate(zip(units, fisher, strict=True)):
@@ -626,7 +627,7 @@ def reconstruct(
             if not learn[i]:
                 error = _error(unit, xq, targets, weights)
                 report["units"].append({"unit": unit.name, "mse_before": error, "mse_after": error, "undecided": 0.0,
-                                        "skipped": f"no quantizer below {min(_widths(unit.q))} bits"})  # fmt: skip
+                                        "skipped": f"no quantizer below {widths[i]} bits"})  # fmt: skip
             else:
                 window = _window(unit.f, xf[0], config.crop)
                 rng = random.Random(f"{config.seed}/{i}")  # a unit's draws do not depend on the units before it
