@@ -1054,10 +1054,8 @@ def test_learned_weight_steps_move_and_reload(tmp_path):
 
     model, cfg = random_r20()
     calib = create_calibration_set("gaussian", model, cfg, num_images=32)
-    # in 10 steps only the 8-bit classifier ends better than it started (the others keep what they had): learn it too
-    base = dict(
-        w_bits=2, a_bits=4, gptq=False, bias_correction=False, reconstruct_iters=10, reconstruct_wide_units=True
-    )
+    # weight steps learn on symmetric grids (4 bits; the 2-bit default is asymmetric, whose steps stay)
+    base = dict(w_bits=4, a_bits=4, gptq=False, bias_correction=False, reconstruct_iters=10)
     steps = {}
     for learn in (False, True):
         config = BrevitasConfig(**base, learn_weight_scales=learn)
@@ -1073,6 +1071,41 @@ def test_learned_weight_steps_move_and_reload(tmp_path):
     x = calib.images[:8]
     with torch.no_grad():
         assert torch.equal(_value(again(x)), _value(qmodel(x)))
+
+
+def test_learned_weight_steps_move_by_a_fraction_of_themselves_and_keep_the_integers(monkeypatch):
+    """Each weight step learns its logarithm (a rate moves every channel's step by the same fraction, however small
+    the step), and the integers count from the calibrated step: with the rounding frozen, learning the steps changes
+    no integer weight (Brevitas's own floor(w / step) would move those near a boundary)."""
+    from brevitas_zeroshot.quant import _reconstruct
+    from brevitas_zeroshot.quant._reconstruct import _weight_steps
+
+    model, cfg = random_r20()
+    with torch.no_grad():  # BN scales over four orders of magnitude: the folded weight steps over two or more
+        bn = model.layer1[0].bn1
+        bn.weight.copy_(10 ** torch.linspace(-4, 0, bn.num_features))
+    calib = create_calibration_set("gaussian", model, cfg, num_images=8)
+    qmodel, _ = build_quant_model(model, BrevitasConfig(w_bits=4, a_bits=4, gptq=False), (3, 32, 32))
+    calibrate(qmodel, [calib.images])
+    layers = [m for m in qmodel.modules() if hasattr(m, "quant_weight")]
+    with torch.no_grad():
+        ints = [m.quant_weight().int() for m in layers]
+    steps = {k: p.detach().clone() for k, p in _weight_steps(layers).items()}
+    spread = torch.cat([p.flatten() for p in steps.values()])
+    assert spread.min() < 1e-2 * spread.max()
+    errors = iter(range(1000, 0, -1))  # every unit "improves": each keeps what it learned
+    monkeypatch.setattr(_reconstruct, "_error", lambda *args: float(next(errors)))
+    settings = _reconstruct.ReconstructionConfig(
+        iterations=5, round_lr=0.0, learn_scales=False, weight_scale_lr=1e-2, wide_units=True
+    )
+    _reconstruct.reconstruct(qmodel, [calib.images], settings)
+    learned = _weight_steps(layers)
+    logs = torch.cat([(learned[k] / steps[k]).log().flatten() for k in steps])
+    assert (logs != 0).float().mean() > 0.9  # nearly every step moved...
+    assert logs.abs().max() < 5 * 1e-2 * 3.2  # ...by at most what 5 Adam steps of 1e-2 reach on its logarithm
+    with torch.no_grad():
+        for m, before in zip(layers, ints, strict=True):
+            assert torch.equal(m.quant_weight().int(), before)
 
 
 @pytest.mark.parametrize("learn_weight_scales", [False, True])

@@ -844,7 +844,7 @@ def _quantize_brevitas(float_model: nn.Module, calibration, config: BrevitasConf
             iterations=config.reconstruct_iters,
             batch_size=config.reconstruct_batch,
             learn_scales=config.learn_act_scales,
-            weight_scale_lr=1e-4 if config.learn_weight_scales else 0.0,
+            weight_scale_lr=1e-3 if config.learn_weight_scales else 0.0,
             drop=config.reconstruct_drop,
             round_weight=config.reconstruct_round_weight,
             fisher=config.reconstruct_fisher,

@@ -39,7 +39,7 @@ class ReconstructionConfig:
     scale_lr: float = 4e-5  # LSQ step sizes (QDrop's setting)
     round_weight: float = 0.01  # AdaRound's regulariser weight
     learn_scales: bool = True
-    weight_scale_lr: float = 0.0  # > 0: also learn the weights' per-channel steps (Genie's 1e-4)
+    weight_scale_lr: float = 0.0  # > 0: also learn the weights' per-channel steps, at this rate on their logarithm
     drop: float = 0.0  # QDrop: while learning, each activation keeps its float value with this probability
     # BRECQ's diagonal Fisher: weigh each output element's squared error by the squared gradient of the float
     # network's loss with respect to it (labels drawn from the float network's own softmax). Graph (block) mode only.
@@ -242,13 +242,9 @@ def _round_modules(layers: list[nn.Module]) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def _bake(saved: list[tuple[nn.Module, object]]) -> None:
-    """Write the hard roundings back as the weights and restore round-to-nearest quantizers."""
-    for layer, injector in saved:
-        rounding = _round_modules([layer])
-        for m in rounding:
-            m.eval()
-        weight = layer.quant_weight().value.detach().clone()
+def _bake(saved: list[tuple[nn.Module, object]], values: list[torch.Tensor]) -> None:
+    """Write the hard-rounded weights ``values`` back as the weights and restore round-to-nearest quantizers."""
+    for (layer, injector), weight in zip(saved, values, strict=True):
         layer.weight.copy_(weight)
         state = {k: v for k, v in layer.weight_quant.state_dict().items() if "float_to_int_impl" not in k}
         layer.weight_quant.quant_injector = injector
@@ -306,31 +302,35 @@ class _Fused(nn.Module):
 
 
 class _FixedGrid(nn.Module):
-    """Brevitas's learned-rounding weight quantizer while only the rounding learns (weights and steps fixed).
+    """Brevitas's learned-rounding weight quantizer while the rounding (and perhaps the step) learns.
 
-    The step, zero point and ``floor(w / step) + zero point`` come once from the quantizer's own modules, so a
-    learning step only adds the learned rounding (Brevitas's own module and parameter) and clamps, where Brevitas
-    recomputes the step from the weights' statistics and rescales every weight each call. Used only where it gives
-    Brevitas's values exactly (checked once; see :func:`_learning`)."""
+    ``floor(w / step) + zero point`` comes once from the quantizer's own modules, at the calibrated step, so a
+    learning step only adds the learned rounding (Brevitas's own module and parameter), clamps and scales, where
+    Brevitas recomputes the step from the weights' statistics and rescales every weight each call. Where the step
+    learns (its parameter ``step``), the integers still count from the calibrated step: Brevitas's ``floor(w / step)``
+    would jump by one for every weight on a grid point (GPTQ's rounded weights) at the first change of the step.
+    Used only where it gives Brevitas's values exactly (checked once; see :func:`_learning`)."""
 
-    def __init__(self, quant: nn.Module, weight: torch.Tensor):
+    def __init__(self, quant: nn.Module, weight: torch.Tensor, step: nn.Parameter | None = None):
         super().__init__()
         self.quant = quant
         with torch.no_grad():
             bit_width = quant.msb_clamp_bit_width_impl()
-            scale = quant.scaling_impl(weight, quant.int_scaling_impl(bit_width))
+            scale = quant.scaling_impl(weight, quant.int_scaling_impl(bit_width)).detach()
             zero_point = quant.zero_point_impl(weight, scale, bit_width)
             inner = quant.int_quant
             self.floor = torch.floor(inner.input_view_impl(weight) / scale + zero_point)
             self.lo, self.hi = inner.min_int(bit_width), inner.max_int(bit_width)
         self.scale, self.zero_point, self.bit_width = scale, zero_point, bit_width
+        self.step, self.step0 = step, None if step is None else step.detach().clone()
 
     def forward(self, x):
         inner = self.quant.int_quant
         rnd = inner.float_to_int_impl
         p = rnd.tensor_slicer(rnd.input_view_impl(rnd.learned_round_impl(rnd.value)))
         y = inner.tensor_clamp_impl(self.floor + p, min_val=self.lo, max_val=self.hi)
-        return (y - self.zero_point) * self.scale, self.scale, self.zero_point, self.bit_width
+        scale = self.scale if self.step is None else self.scale * (self.step / self.step0).view_as(self.scale)
+        return (y - self.zero_point) * scale, scale, self.zero_point, self.bit_width
 
     @classmethod
     def replacing(cls, quant: nn.Module, weight: torch.Tensor) -> "nn.Module":
@@ -342,9 +342,11 @@ class _FixedGrid(nn.Module):
         if not plain or not isinstance(quant.int_quant.float_to_int_impl, LearnedRoundSte) or weight.requires_grad:
             return quant
         value, scale, zero_point, _ = quant(weight)
-        if scale.requires_grad or zero_point.requires_grad:
-            return quant  # the step or zero point learns, or follows the rounding (asymmetric mse: its search does)
-        grid = cls(quant, weight)
+        steps = [p for p in quant.scaling_impl.parameters() if p.requires_grad]
+        step = steps[0] if len(steps) == 1 and steps[0].numel() == scale.numel() else None
+        if (scale.requires_grad and step is None) or zero_point.requires_grad:
+            return quant  # the zero point learns, or the step follows the rounding (asymmetric mse: its search does)
+        grid = cls(quant, weight, step if scale.requires_grad else None)
         with torch.no_grad():
             return grid if torch.equal(grid(weight)[0], value) else quant
 
@@ -482,25 +484,33 @@ def _fit(
     if scales:
         groups.append({"params": scales, "lr": config.scale_lr})
     steps = _weight_steps(unit.layers) if config.weight_scale_lr > 0 else {}
-    if steps:
-        groups.append({"params": list(steps.values()), "lr": config.weight_scale_lr})
-    frozen = [p for p in unit.q.parameters() if all(p is not q for g in groups for q in g["params"])]
+    steps_before = {k: p.detach().clone() for k, p in steps.items()}
+    learned = [m.value for m in rounding] + scales + list(steps.values())
+    frozen = [p for p in unit.q.parameters() if all(p is not q for q in learned)]
     grads = [p.requires_grad for p in frozen]
     for p in frozen:
         p.requires_grad_(False)
-    for p in (q for g in groups for q in g["params"]):
+    for p in learned:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(groups)
     warmup, iters = int(0.2 * config.iterations), config.iterations
     # BRECQ's and QDrop's scale, which AdaRound's regulariser weight is set against: each position's error summed over
     # channels, averaged over positions. Summed over positions too, the regulariser was H x W times weaker and the
     # large early units ended with a fifth of their roundings undecided (worse than GPTQ's once hardened).
     positions = targets[0][0, 0].numel()
-    steps_before = {k: p.detach().clone() for k, p in steps.items()}
     unit.q.train()
     for m in rounding:
         m.train()
     with _learning(unit.q, config.drop, config.fused):
+        grids = {id(m.step) for m in unit.q.modules() if isinstance(m, _FixedGrid) and m.step is not None}
+        stay = [k for k, p in steps.items() if id(p) not in grids]  # a step learns only on a fixed grid
+        for k in stay:
+            steps.pop(k).requires_grad_(False)
+        # Each weight step learns its logarithm, so an update moves it by a fraction of itself: with BN folded, the
+        # steps of one layer's channels span orders of magnitude, and one absolute rate over- or under-moves most.
+        logs = [torch.zeros_like(p, requires_grad=True) for p in steps.values()]
+        if logs:
+            groups.append({"params": logs, "lr": config.weight_scale_lr})
+        opt = torch.optim.Adam(groups)
         for step in range(iters):
             i = rng.randrange(len(inputs_q))
             if window is None:
@@ -522,16 +532,26 @@ def _fit(
                 loss = loss + config.round_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for p, log in zip(steps.values(), logs, strict=True):  # d loss / d log = d loss / d step * step
+                log.grad, p.grad = None if p.grad is None else p.grad * p.detach(), None
             opt.step()
+            with torch.no_grad():
+                for (k, p), log in zip(steps.items(), logs, strict=True):
+                    p.copy_(steps_before[k] * log.exp())
             bar.update(1)
         with torch.no_grad():  # roundings the annealing left between down and up, which hardening will move
             h = _soft(rounding) if rounding else torch.zeros(0)
             undecided = round(((h > 0.05) & (h < 0.95)).float().mean().nan_to_num().item(), 4)
-    unit.q.eval()
-    _bake(saved)
+        unit.q.eval()
+        with torch.no_grad():  # the hard roundings, on the grids they learned on
+            hard = [layer.quant_weight().value.detach().clone() for layer, _ in saved]
+    _bake(saved, hard)
     for p, g in zip(frozen, grads, strict=True):
         p.requires_grad_(g)
     after = _error(unit, inputs_q, targets, weights)
+    entry = {"unit": unit.name, "mse_before": before, "mse_after": after, "undecided": undecided}
+    if stay:
+        entry["weight_steps_stay"] = len(stay)
     if after > before:  # never worse than round-to-nearest on the calibration images
         with torch.no_grad():
             for p, old in zip(kept, snapshot, strict=True):
@@ -539,9 +559,8 @@ def _fit(
             now = _weight_steps(unit.layers)  # baking made new parameters: found again by name
             for k, old in steps_before.items():
                 now[k].copy_(old)
-        return {"unit": unit.name, "mse_before": before, "mse_after": before, "undecided": undecided,
-                "kept_rounding": True}  # fmt: skip
-    return {"unit": unit.name, "mse_before": before, "mse_after": after, "undecided": undecided}
+        entry.update(mse_after=before, kept_rounding=True)
+    return entry
 
 
 def _soft(rounding: list[nn.Module]) -> torch.Tensor:
@@ -644,6 +663,9 @@ def reconstruct(
                 unit.name, done["mse_before"], done["mse_after"], 100 * done["undecided"], done["seconds"],
                 f"; skipped: {done['skipped']}" if "skipped" in done else "")  # fmt: skip
         bar.close()
+        stay = sum(u.get("weight_steps_stay", 0) for u in report["units"])
+        if stay:
+            _logger.warning("%d layers kept their weight steps: weight steps learn on symmetric grids only", stay)
     finally:
         float_mode.__exit__(None, None, None)
         qmodel.to(memory_format=torch.contiguous_format)
