@@ -1328,6 +1328,7 @@ def test_residual_branches_in_float_keep_every_layer_input_quantized_reload_and_
     ResNets' add inputs do, and the sum is quantized once; models saved before reload as they were built."""
     import operator
 
+    torch.manual_seed(0)  # unseeded random weights put the 4-bit ONNX output outside its tolerance once in CI
     model = timm.create_model("mobilenetv2_035", pretrained=False).eval()
     cfg = resolve_data_config(model)
     cfg["input_size"] = (3, 64, 64)
