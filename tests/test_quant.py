@@ -708,7 +708,7 @@ def test_reconstruction_lowers_block_errors_reloads_and_exports(resnet20, graph,
     learned = [u for u in units if "skipped" not in u]  # all but the 8-bit first and last layers
     assert len(learned) == len(units) - 2
     assert sum(u["mse_after"] for u in learned) < 0.95 * sum(u["mse_before"] for u in learned), units
-    assert all(u["seconds"] > 0 for u in units)
+    assert all(u["seconds"] > 0 for u in learned) and all(u["seconds"] >= 0 for u in units)  # skips take < 5 ms
     assert sum(u["seconds"] for u in units) <= report["reconstruction"]["seconds"]
     plain, _ = quantize(model, calib, BrevitasConfig(**{**config.__dict__, "reconstruct": False}))
     x = calib.images
