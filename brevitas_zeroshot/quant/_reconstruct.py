@@ -307,9 +307,11 @@ class _FixedGrid(nn.Module):
     ``floor(w / step) + zero point`` comes once from the quantizer's own modules, at the calibrated step, so a
     learning step only adds the learned rounding (Brevitas's own module and parameter), clamps and scales, where
     Brevitas recomputes the step from the weights' statistics and rescales every weight each call. Where the step
-    learns (its parameter ``step``), the integers still count from the calibrated step: Brevitas's ``floor(w / step)``
-    would jump by one for every weight on a grid point (GPTQ's rounded weights) at the first change of the step.
-    Used only where it gives Brevitas's values exactly (checked once; see :func:`_learning`)."""
+    learns (Brevitas's parameter ``step``), ``log`` learns its logarithm against the calibrated step, so an update
+    moves it by a fraction of itself (with BN folded, one layer's steps span orders of magnitude), and the integers
+    still count from the calibrated step: Brevitas's ``floor(w / step)`` would jump by one for every weight on a grid
+    point (GPTQ's rounded weights) at the first change of the step; :meth:`write_step` puts the learned step into
+    ``step``. Used only where it gives Brevitas's values exactly (checked once; see :func:`_learning`)."""
 
     def __init__(self, quant: nn.Module, weight: torch.Tensor, step: nn.Parameter | None = None):
         super().__init__()
@@ -322,15 +324,20 @@ class _FixedGrid(nn.Module):
             self.floor = torch.floor(inner.input_view_impl(weight) / scale + zero_point)
             self.lo, self.hi = inner.min_int(bit_width), inner.max_int(bit_width)
         self.scale, self.zero_point, self.bit_width = scale, zero_point, bit_width
-        self.step, self.step0 = step, None if step is None else step.detach().clone()
+        self.step, self.log = step, None if step is None else nn.Parameter(torch.zeros_like(step))
 
     def forward(self, x):
         inner = self.quant.int_quant
         rnd = inner.float_to_int_impl
         p = rnd.tensor_slicer(rnd.input_view_impl(rnd.learned_round_impl(rnd.value)))
         y = inner.tensor_clamp_impl(self.floor + p, min_val=self.lo, max_val=self.hi)
-        scale = self.scale if self.step is None else self.scale * (self.step / self.step0).view_as(self.scale)
+        scale = self.scale if self.log is None else self.scale * self.log.exp().view_as(self.scale)
         return (y - self.zero_point) * scale, scale, self.zero_point, self.bit_width
+
+    @torch.no_grad()
+    def write_step(self) -> None:
+        """Put the learned step into Brevitas's step parameter (once, after learning)."""
+        self.step.mul_(self.log.exp())
 
     @classmethod
     def replacing(cls, quant: nn.Module, weight: torch.Tensor) -> "nn.Module":
@@ -501,15 +508,13 @@ def _fit(
     for m in rounding:
         m.train()
     with _learning(unit.q, config.drop, config.fused):
-        grids = {id(m.step) for m in unit.q.modules() if isinstance(m, _FixedGrid) and m.step is not None}
-        stay = [k for k, p in steps.items() if id(p) not in grids]  # a step learns only on a fixed grid
+        grids = [m for m in unit.q.modules() if isinstance(m, _FixedGrid) and m.log is not None]
+        learning = {id(m.step) for m in grids}
+        stay = [k for k, p in steps.items() if id(p) not in learning]  # a step learns only on a fixed grid
         for k in stay:
-            steps.pop(k).requires_grad_(False)
-        # Each weight step learns its logarithm, so an update moves it by a fraction of itself: with BN folded, the
-        # steps of one layer's channels span orders of magnitude, and one absolute rate over- or under-moves most.
-        logs = [torch.zeros_like(p, requires_grad=True) for p in steps.values()]
-        if logs:
-            groups.append({"params": logs, "lr": config.weight_scale_lr})
+            steps[k].requires_grad_(False)
+        if grids:
+            groups.append({"params": [m.log for m in grids], "lr": config.weight_scale_lr})
         opt = torch.optim.Adam(groups)
         for step in range(iters):
             i = rng.randrange(len(inputs_q))
@@ -532,12 +537,7 @@ def _fit(
                 loss = loss + config.round_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for p, log in zip(steps.values(), logs, strict=True):  # d loss / d log = d loss / d step * step
-                log.grad, p.grad = None if p.grad is None else p.grad * p.detach(), None
             opt.step()
-            with torch.no_grad():
-                for (k, p), log in zip(steps.items(), logs, strict=True):
-                    p.copy_(steps_before[k] * log.exp())
             bar.update(1)
         with torch.no_grad():  # roundings the annealing left between down and up, which hardening will move
             h = _soft(rounding) if rounding else torch.zeros(0)
@@ -545,6 +545,8 @@ def _fit(
         unit.q.eval()
         with torch.no_grad():  # the hard roundings, on the grids they learned on
             hard = [layer.quant_weight().value.detach().clone() for layer, _ in saved]
+        for m in grids:
+            m.write_step()
     _bake(saved, hard)
     for p, g in zip(frozen, grads, strict=True):
         p.requires_grad_(g)
