@@ -3,6 +3,7 @@ import os
 # Before huggingface_hub or timm is imported: a hub miss must fail at once, not retry for ~50 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import logging  # noqa: E402
 import tarfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -13,6 +14,15 @@ _DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench
 SHARED = Path(os.environ.get("BZQ_SHARED_BENCHMARKS", _DEFAULT_SHARED))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _no_handler_on_a_closed_stream():
+    """The CLI's root log handler writes to the stream it found; under typer's CliRunner that stream closes after
+    the command, and every later log record printed a 'Logging error' traceback."""
+    yield
+    for handler in [h for h in logging.root.handlers if type(h) is logging.StreamHandler]:
+        logging.root.removeHandler(handler)
 
 
 def _need(path: Path) -> Path:
