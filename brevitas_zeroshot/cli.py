@@ -653,6 +653,14 @@ def bench_quality_cmd(
     eval_limit: Annotated[int | None, typer.Option("--eval-limit", min=1, help="Evaluate the first N only.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots and picture grids.")] = True,
+    keep_models: Annotated[
+        bool,
+        typer.Option(
+            "--keep-models",
+            help="Save each cell's quantized model beside its JSON (for `bzq eval`, and for the same model's other "
+            "task: its data-free cells then evaluate the kept model instead of quantizing again).",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Quantized top-1 on held-out real images per calibration source, under the same quantizer (not a test)."""
@@ -672,6 +680,7 @@ def bench_quality_cmd(
         synthesis={"iterations": iterations} if iterations is not None else {},
         eval_limit=eval_limit,
         device=device,
+        keep_models=keep_models,
     )
     results = bench_quality(config, out)
     if plots:

@@ -223,3 +223,40 @@ def test_synthesis_benchmark_times_the_half_and_full_size_steps_of_the_schedule(
     assert r["images_per_s"] == pytest.approx(8 / (mixed * r["iterations"]))
     assert r["iterations"] == 100  # the default from 128 px
     assert r["set_cost_vs_200_fwd_bwd"] == pytest.approx(mixed * 100 / (200 * r["forward_backward_s"]))
+
+
+def test_a_models_other_task_reuses_its_data_free_sets_and_kept_models(shared, tmp_path):
+    """The held-out task of a model evaluates the tuning task's kept models of a data-free source (scored as if it
+    had quantized again) and shares its set; real images, which differ between the tasks, are calibrated anew."""
+    common = dict(
+        schemes=["brevitas-w4a4[reconstruct_iters=3]"],
+        sources=["gznq", "real"],
+        seeds=[0],
+        images=8,
+        synthesis={"iterations": 2, "batch_size": 8},
+        eval_limit=50,
+    )
+    tuned = bench_quality(QualityBenchConfig(tasks=["cifar_resnet20:tune"], keep_models=True, **common), tmp_path)
+    kept = sorted(p.relative_to(tmp_path / "cells").as_posix() for p in (tmp_path / "cells").glob("*/*/*/*.model"))
+    assert kept == [
+        "cifar_resnet20_tune/brevitas-w4a4_reconstruct_iters=3/gznq/seed0.model",
+        "cifar_resnet20_tune/brevitas-w4a4_reconstruct_iters=3/real/seed0.model",
+    ]
+    held = bench_quality(QualityBenchConfig(tasks=["cifar_resnet20"], **common), tmp_path)["cells"]
+    cell = {(c["task"], c["source"]): c for c in held}
+    reused = cell["cifar_resnet20", "gznq"]
+    assert reused["model_from"] == "cifar_resnet20:tune" and "model_from" not in cell["cifar_resnet20", "real"]
+    original = next(c for c in tuned["cells"] if c["source"] == "gznq")
+    assert reused["reconstruction_units"] == original["reconstruction_units"]
+    assert not (tmp_path / "sets" / "cifar_resnet20" / "gznq").exists()  # the tuning task's set, not a new one
+    assert (tmp_path / "sets" / "cifar_resnet20" / "real" / "seed0").is_dir()
+
+    # the kept model is the one the tuning cell scored (reloaded exactly), and the held-out cell scores it
+    from brevitas_zeroshot import create_loader, evaluate, load_model, load_quantized
+
+    qmodel, data_config = load_quantized(tmp_path / "cells" / kept[0])
+    net, _ = load_model("cifar_resnet20", checkpoint=resolve_task("cifar_resnet20")[1])
+    for task, row in (("cifar_resnet20:tune", original), ("cifar_resnet20", reused)):
+        loader = create_loader(resolve_task(task)[3], data_config, batch_size=50, limit=50)
+        again = evaluate(qmodel, loader, reference=net.eval())
+        assert [again[k] for k in ("top1", "agreement", "kl")] == [row[k] for k in ("top1", "agreement", "kl")], task

@@ -2,6 +2,11 @@
 
 Every (task, scheme, source, seed) cell is written to its own JSON file as soon as it is done, and every
 calibration set is saved, so an interrupted run resumes where it stopped and a second scheme reuses the sets.
+
+A set that is not made of the task's real images is the same for every task of one model (the ImageNet models'
+tuning and held-out splits differ only in their real images), so a task reuses such a set made for another, and,
+where that task kept its quantized models (``keep_models``), the model too: a held-out check of a data-free cell
+then costs an evaluation, not a quantization.
 """
 
 import contextlib
@@ -23,14 +28,14 @@ from .._files import read_own_record, write_atomic
 from .._utils import library_versions, machine, resolve_device
 from ..data import create_loader
 from ..models import load_model
-from ..quant import quantize
+from ..quant import load_quantized, quantize, save_quantized
 from ..quant._api import _config_dict
 from ..quant._registry import backend_for, create_quant_config
 from ..synth import CalibrationSet, profile_set
-from ..synth._set import MANIFEST, read_manifest
+from ..synth._set import MANIFEST, SetMismatch, own_manifest, read_manifest
 from ..synth._sources import create_calibration_set
 from . import _peer  # noqa: F401  (registers the "mct" source)
-from ._tasks import resolve_task
+from ._tasks import BENCH_TASKS, resolve_task
 
 __all__ = ["QualityBenchConfig", "bench_quality", "parse_spec", "quality_table"]
 
@@ -50,6 +55,9 @@ class QualityBenchConfig:
     synthesis: dict = field(default_factory=dict)  # settings for gznq/zeroq (e.g. iterations), unless a spec says
     eval_limit: int | None = None
     device: str = "auto"
+    # Save each cell's quantized model beside its JSON (``seed0.model/``, no ONNX): `bzq eval` reads it, and a
+    # data-free cell of another task of the same model evaluates it instead of quantizing again.
+    keep_models: bool = False
 
 
 _SPEC = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<args>[^\[\]]*)\])?$")
@@ -112,8 +120,8 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
     added = {spec: backend_for(c).added or {} for spec, c in schemes.items()}
     for source in config.sources:
         parse_spec(source)
-    for cell in sorted(out.glob("cells/**/*.json")):  # a damaged cell is refused before any work
-        _read_cell(cell)
+    for cell in [*out.glob("cells/*/float.json"), *out.glob("cells/*/*/*/seed*.json")]:  # a damaged cell is
+        _read_cell(cell)  # refused before any work
     device = resolve_device(config.device)
     for task_name in config.tasks:
         task, checkpoint, calib_folder, eval_folder = resolve_task(task_name)
@@ -127,24 +135,40 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
             task_dir.mkdir(parents=True, exist_ok=True)
             result = {"task": task_name, "note": task.note, **evaluate(net, batches, device=device)}
             float_file.write_text(json.dumps(result, indent=2))
+        # the other tasks of this model: a set not made of their real images, and a model made from it, are ours too
+        twins = [
+            t
+            for t, b in BENCH_TASKS.items()
+            if t != task_name and (b.model, b.checkpoint) == (task.model, task.checkpoint)
+        ]
         for seed in config.seeds:
             for source in config.sources:
                 cells = {s: task_dir / _slug(s) / _slug(source) / f"seed{seed}.json" for s in schemes}
                 cells = {s: c for s, c in cells.items() if not _done(c, settings[s], added[s])}
                 if not cells:
                     continue
-                folder = out / "sets" / _slug(task_name) / _slug(source) / f"seed{seed}"
+                shared = [] if parse_spec(source)[0] == "real" else twins
                 _logger.info("%s: calibration set '%s' seed %d", task_name, source, seed)
-                calib, seconds = _calibration_set(source, net, data_config, calib_folder, folder, seed, config, device)
+                calib, seconds, twin = _shared_set(
+                    source, net, data_config, calib_folder, out, task_name, shared, seed, config, device
+                )
                 # how close to the training data the model finds the set; a diagnostic, never a setting's target
                 profile = profile_set(net, calib.images, reference=held_out)
                 for scheme, cell in cells.items():
-                    _logger.info("%s: %s calibrated on '%s' seed %d", task_name, scheme, source, seed)
-                    start = time.perf_counter()
-                    qmodel, report = quantize(net, calib, schemes[scheme])
-                    quant_seconds = time.perf_counter() - start
+                    made = _kept_model(out, twin, scheme, source, seed, settings[scheme], added[scheme])
+                    if made is not None:
+                        _logger.info(
+                            "%s: %s on '%s' seed %d: %s's model", task_name, scheme, source, seed, made["task"]
+                        )
+                        qmodel, _ = load_quantized(made["model"], device=device)
+                        quantized = {k: made.get(k) for k in _QUANTIZED} | {"model_from": made["task"]}
+                    else:
+                        _logger.info("%s: %s calibrated on '%s' seed %d", task_name, scheme, source, seed)
+                        keep = cell.with_suffix(".model") if config.keep_models else None
+                        qmodel, quantized = _quantize_cell(
+                            net, calib, schemes[scheme], keep, task, checkpoint, data_config
+                        )
                     metrics = evaluate(qmodel, batches, reference=net, device=device)
-                    recon = report.get("reconstruction", {})
                     cell.parent.mkdir(parents=True, exist_ok=True)
                     row = {
                         "task": task_name,
@@ -153,14 +177,9 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                         "seed": seed,
                         **metrics,
                         "synthesis_seconds": seconds,
-                        "quantization_seconds": round(quant_seconds, 2),
-                        "reconstruction_seconds": recon.get("seconds"),
-                        # each unit's error before and after, kept roundings and undecided fractions: what a
-                        # cell's top-1 alone cannot show (which blocks learned)
-                        "reconstruction_units": recon.get("units"),
+                        **quantized,
                         "bn_loss_trace": _loss_trace(calib),
                         "calibration_profile": profile,
-                        "notes": report.get("notes", []),
                         "quant_config": settings[scheme],
                     }
                     write_atomic(cell, lambda tmp, row=row: tmp.write_text(json.dumps(row, indent=2)))
@@ -169,6 +188,64 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
 
 
 _CELL_KEYS = ("task", "scheme", "source", "seed", "top1")
+_QUANTIZED = ("quantization_seconds", "reconstruction_seconds", "reconstruction_units", "notes")
+
+
+def _quantize_cell(net, calib, scheme, keep: Path | None, task, checkpoint, data_config) -> tuple:
+    """Quantize for one cell (the model kept in ``keep`` where given); the model and the cell's quantization fields."""
+    start = time.perf_counter()
+    qmodel, report = quantize(net, calib, scheme)
+    seconds = round(time.perf_counter() - start, 2)
+    recon = report.get("reconstruction", {})
+    if keep is not None:
+        save_quantized(
+            qmodel,
+            keep,
+            model_name=task.model,
+            config=scheme,
+            data_config=data_config,
+            calib=calib,
+            report=report,
+            checkpoint=checkpoint,
+            export_onnx=False,
+        )
+    return qmodel, {
+        "quantization_seconds": seconds,
+        "reconstruction_seconds": recon.get("seconds"),
+        # each unit's error before and after, kept roundings and undecided fractions: what a cell's top-1 alone
+        # cannot show (which blocks learned)
+        "reconstruction_units": recon.get("units"),
+        "notes": report.get("notes", []),
+    }
+
+
+def _shared_set(source, net, data_config, calib_folder, out, task_name, twins, seed, cfg, device):
+    """The calibration set of ``source`` for this task, its making's seconds, and the twin task whose set it is: a
+    twin's complete set of as many images where there is one (the same set, checked as the generator checks its own
+    folder), else the set of the task's own folder (twin None)."""
+    for twin in twins:
+        folder = out / "sets" / _slug(twin) / _slug(source) / f"seed{seed}"
+        if (own_manifest(folder) or {}).get("complete"):
+            try:
+                calib, seconds = _calibration_set(source, net, data_config, calib_folder, folder, seed, cfg, device)
+            except SetMismatch:  # made with other settings: this task makes its own
+                continue
+            if len(calib) == cfg.images:
+                return calib, seconds, twin
+    folder = out / "sets" / _slug(task_name) / _slug(source) / f"seed{seed}"
+    return *_calibration_set(source, net, data_config, calib_folder, folder, seed, cfg, device), None
+
+
+def _kept_model(out: Path, twin: str | None, scheme: str, source: str, seed: int, settings: dict, added: dict):
+    """The twin task's cell for the same scheme, source and seed, made under these settings, whose quantized model
+    was kept: its record with ``model`` (the folder) added; None where there is none."""
+    if twin is None:
+        return None
+    cell = out / "cells" / _slug(twin) / _slug(scheme) / _slug(source) / f"seed{seed}.json"
+    model = cell.with_suffix(".model")
+    if not (model / "quant_config.json").exists() or not _done(cell, settings, added):
+        return None
+    return {**_read_cell(cell), "model": model}
 
 
 def _done(cell: Path, settings: dict, added: dict) -> bool:
