@@ -247,6 +247,7 @@ def test_a_models_other_task_reuses_its_data_free_sets_and_kept_models(shared, t
     reused = cell["cifar_resnet20", "gznq"]
     assert reused["model_from"] == "cifar_resnet20:tune" and "model_from" not in cell["cifar_resnet20", "real"]
     original = next(c for c in tuned["cells"] if c["source"] == "gznq")
+    assert original["model_kept"] and not reused["model_kept"]
     assert reused["reconstruction_units"] == original["reconstruction_units"]
     assert not (tmp_path / "sets" / "cifar_resnet20" / "gznq").exists()  # the tuning task's set, not a new one
     assert (tmp_path / "sets" / "cifar_resnet20" / "real" / "seed0").is_dir()
@@ -260,3 +261,11 @@ def test_a_models_other_task_reuses_its_data_free_sets_and_kept_models(shared, t
         loader = create_loader(resolve_task(task)[3], data_config, batch_size=50, limit=50)
         again = evaluate(qmodel, loader, reference=net.eval())
         assert [again[k] for k in ("top1", "agreement", "kl")] == [row[k] for k in ("top1", "agreement", "kl")], task
+
+    # a model folder that an earlier run of the tuning cell left (the cell since redone without keeping) is not used
+    tune_cell = tmp_path / "cells" / kept[0].replace(".model", ".json")
+    tune_cell.write_text(json.dumps({**original, "model_kept": False}))
+    held_cell = tmp_path / "cells" / kept[0].replace("cifar_resnet20_tune", "cifar_resnet20").replace(".model", ".json")
+    held_cell.unlink()
+    bench_quality(QualityBenchConfig(tasks=["cifar_resnet20"], **common), tmp_path)
+    assert "model_from" not in json.loads(held_cell.read_text())

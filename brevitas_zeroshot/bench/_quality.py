@@ -161,7 +161,10 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
                             "%s: %s on '%s' seed %d: %s's model", task_name, scheme, source, seed, made["task"]
                         )
                         qmodel, _ = load_quantized(made["model"], device=device)
-                        quantized = {k: made.get(k) for k in _QUANTIZED} | {"model_from": made["task"]}
+                        quantized = {k: made.get(k) for k in _QUANTIZED} | {
+                            "model_kept": False,
+                            "model_from": made["task"],
+                        }
                     else:
                         _logger.info("%s: %s calibrated on '%s' seed %d", task_name, scheme, source, seed)
                         keep = cell.with_suffix(".model") if config.keep_models else None
@@ -210,6 +213,7 @@ def _quantize_cell(net, calib, scheme, keep: Path | None, task, checkpoint, data
             export_onnx=False,
         )
     return qmodel, {
+        "model_kept": keep is not None,  # a folder left by an earlier run of the cell is not this cell's model
         "quantization_seconds": seconds,
         "reconstruction_seconds": recon.get("seconds"),
         # each unit's error before and after, kept roundings and undecided fractions: what a cell's top-1 alone
@@ -243,7 +247,7 @@ def _kept_model(out: Path, twin: str | None, scheme: str, source: str, seed: int
         return None
     cell = out / "cells" / _slug(twin) / _slug(scheme) / _slug(source) / f"seed{seed}.json"
     model = cell.with_suffix(".model")
-    if not (model / "quant_config.json").exists() or not _done(cell, settings, added):
+    if not _done(cell, settings, added) or not _read_cell(cell).get("model_kept"):
         return None
     return {**_read_cell(cell), "model": model}
 
