@@ -83,7 +83,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
 
 
 def test_quantize_points_to_the_tested_recipe_where_its_settings_differ(tmp_path, monkeypatch):
-    # EfficientNet-Lite0 W4A8: the recipe's synthesis settings beat the library defaults (docs/results.md)
+    # EfficientNet-Lite0 W4A8: the recipe's synthesis settings differ from the library defaults (docs/results.md)
     plain = PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=8)
     hint = recipe_hint(plain)
     assert "tf_efficientnet_lite0-w4a8-brevitas" in hint and "measured top-1" in hint
