@@ -143,7 +143,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
         ]
         for seed in config.seeds:
             for source in config.sources:
-                cells = {s: task_dir / _slug(s) / _slug(source) / f"seed{seed}.json" for s in schemes}
+                cells = {s: _cell_file(out, task_name, s, source, seed) for s in schemes}
                 cells = {s: c for s, c in cells.items() if not _done(c, settings[s], added[s])}
                 if not cells:
                     continue
@@ -228,7 +228,7 @@ def _shared_set(source, net, data_config, calib_folder, out, task_name, twins, s
     twin's complete set of as many images where there is one (the same set, checked as the generator checks its own
     folder), else the set of the task's own folder (twin None)."""
     for twin in twins:
-        folder = out / "sets" / _slug(twin) / _slug(source) / f"seed{seed}"
+        folder = _set_folder(out, twin, source, seed)
         if (own_manifest(folder) or {}).get("complete"):
             try:
                 calib, seconds = _calibration_set(source, net, data_config, calib_folder, folder, seed, cfg, device)
@@ -236,7 +236,7 @@ def _shared_set(source, net, data_config, calib_folder, out, task_name, twins, s
                 continue
             if len(calib) == cfg.images:
                 return calib, seconds, twin
-    folder = out / "sets" / _slug(task_name) / _slug(source) / f"seed{seed}"
+    folder = _set_folder(out, task_name, source, seed)
     return *_calibration_set(source, net, data_config, calib_folder, folder, seed, cfg, device), None
 
 
@@ -245,11 +245,17 @@ def _kept_model(out: Path, twin: str | None, scheme: str, source: str, seed: int
     was kept: its record with ``model`` (the folder) added; None where there is none."""
     if twin is None:
         return None
-    cell = out / "cells" / _slug(twin) / _slug(scheme) / _slug(source) / f"seed{seed}.json"
-    model = cell.with_suffix(".model")
-    if not _done(cell, settings, added) or not _read_cell(cell).get("model_kept"):
-        return None
-    return {**_read_cell(cell), "model": model}
+    cell = _cell_file(out, twin, scheme, source, seed)
+    record = _read_cell(cell) if _done(cell, settings, added) else None
+    return {**record, "model": cell.with_suffix(".model")} if record and record.get("model_kept") else None
+
+
+def _cell_file(out: Path, task: str, scheme: str, source: str, seed: int) -> Path:
+    return out / "cells" / _slug(task) / _slug(scheme) / _slug(source) / f"seed{seed}.json"
+
+
+def _set_folder(out: Path, task: str, source: str, seed: int) -> Path:
+    return out / "sets" / _slug(task) / _slug(source) / f"seed{seed}"
 
 
 def _done(cell: Path, settings: dict, added: dict) -> bool:
