@@ -10,6 +10,7 @@ then costs an evaluation, not a quantization.
 """
 
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -124,74 +125,71 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
         _read_cell(cell)  # refused before any work
     device = resolve_device(config.device)
     for task_name in config.tasks:
-        task, checkpoint, calib_folder, eval_folder = resolve_task(task_name)
-        net, data_config = load_model(task.model, checkpoint=checkpoint)
-        net.to(device).eval()
-        batches = list(create_loader(eval_folder, data_config, batch_size=50, limit=config.eval_limit))
+        task, checkpoint, calib_folder, net, data_config, batches = _load_task(task_name, out, config, device)
         held_out = torch.cat([images for images, _ in batches])  # what each set's coverage is measured against
-        task_dir = out / "cells" / _slug(task_name)
-        float_file = task_dir / "float.json"
-        if not float_file.exists():
-            task_dir.mkdir(parents=True, exist_ok=True)
-            result = {"task": task_name, "note": task.note, **evaluate(net, batches, device=device)}
-            float_file.write_text(json.dumps(result, indent=2))
         # the other tasks of this model: a set not made of their real images, and a model made from it, are ours too
         twins = [
             t
             for t, b in BENCH_TASKS.items()
             if t != task_name and (b.model, b.checkpoint) == (task.model, task.checkpoint)
         ]
-        for seed in config.seeds:
-            for source in config.sources:
-                cells = {s: _cell_file(out, task_name, s, source, seed) for s in schemes}
-                cells = {s: c for s, c in cells.items() if not _done(c, settings[s], added[s])}
-                if not cells:
-                    continue
-                shared = [] if parse_spec(source)[0] == "real" else twins
-                _logger.info("%s: calibration set '%s' seed %d", task_name, source, seed)
-                calib, seconds, twin = _shared_set(
-                    source, net, data_config, calib_folder, out, task_name, shared, seed, config, device
-                )
-                # how close to the training data the model finds the set; a diagnostic, never a setting's target
-                profile = profile_set(net, calib.images, reference=held_out)
-                for scheme, cell in cells.items():
-                    made = _kept_model(out, twin, scheme, source, seed, settings[scheme], added[scheme])
-                    if made is not None:
-                        _logger.info(
-                            "%s: %s on '%s' seed %d: %s's model", task_name, scheme, source, seed, made["task"]
-                        )
-                        qmodel, _ = load_quantized(made["model"], device=device)
-                        quantized = {k: made.get(k) for k in _QUANTIZED} | {
-                            "model_kept": False,
-                            "model_from": made["task"],
-                        }
-                    else:
-                        _logger.info("%s: %s calibrated on '%s' seed %d", task_name, scheme, source, seed)
-                        keep = cell.with_suffix(".model") if config.keep_models else None
-                        qmodel, quantized = _quantize_cell(
-                            net, calib, schemes[scheme], keep, task, checkpoint, data_config
-                        )
-                    metrics = evaluate(qmodel, batches, reference=net, device=device)
-                    cell.parent.mkdir(parents=True, exist_ok=True)
-                    row = {
-                        "task": task_name,
-                        "scheme": scheme,
-                        "source": source,
-                        "seed": seed,
-                        **metrics,
-                        "synthesis_seconds": seconds,
-                        **quantized,
-                        "bn_loss_trace": _loss_trace(calib),
-                        "calibration_profile": profile,
-                        "quant_config": settings[scheme],
-                    }
-                    write_atomic(cell, lambda tmp, row=row: tmp.write_text(json.dumps(row, indent=2)))
-                    del qmodel
+        for seed, source in itertools.product(config.seeds, config.sources):
+            cells = {s: _cell_file(out, task_name, s, source, seed) for s in schemes}
+            cells = {s: c for s, c in cells.items() if not _done(c, settings[s], added[s])}
+            if not cells:
+                continue
+            shared = [] if parse_spec(source)[0] == "real" else twins
+            _logger.info("%s: calibration set '%s' seed %d", task_name, source, seed)
+            calib, seconds, twin = _shared_set(
+                source, net, data_config, calib_folder, out, task_name, shared, seed, config, device
+            )
+            # how close to the training data the model finds the set; a diagnostic, never a setting's target
+            profile = profile_set(net, calib.images, reference=held_out)
+            for scheme, cell in cells.items():
+                made = _kept_model(out, twin, scheme, source, seed, settings[scheme], added[scheme])
+                if made is not None:
+                    _logger.info("%s: %s on '%s' seed %d: %s's model", task_name, scheme, source, seed, made["task"])
+                    qmodel = load_quantized(made["model"], device=device)[0]
+                    quantized = {k: made.get(k) for k in _QUANTIZED} | {"model_kept": False, "model_from": made["task"]}
+                else:
+                    _logger.info("%s: %s calibrated on '%s' seed %d", task_name, scheme, source, seed)
+                    keep = cell.with_suffix(".model") if config.keep_models else None
+                    qmodel, quantized = _quantize_cell(net, calib, schemes[scheme], keep, task, checkpoint, data_config)
+                row = {
+                    "task": task_name,
+                    "scheme": scheme,
+                    "source": source,
+                    "seed": seed,
+                    **evaluate(qmodel, batches, reference=net, device=device),
+                    "synthesis_seconds": seconds,
+                    **quantized,
+                    "bn_loss_trace": _loss_trace(calib),
+                    "calibration_profile": profile,
+                    "quant_config": settings[scheme],
+                }
+                cell.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(cell, lambda tmp, row=row: tmp.write_text(json.dumps(row, indent=2)))
+                del qmodel  # before the next cell's quantization
     return collect(out, config)
 
 
 _CELL_KEYS = ("task", "scheme", "source", "seed", "top1")
 _QUANTIZED = ("quantization_seconds", "reconstruction_seconds", "reconstruction_units", "notes")
+
+
+def _load_task(task_name: str, out: Path, config: QualityBenchConfig, device) -> tuple:
+    """A task's definition, checkpoint, calibration folder, float model, data config and evaluation batches; its
+    float cell written where it is missing."""
+    task, checkpoint, calib_folder, eval_folder = resolve_task(task_name)
+    net, data_config = load_model(task.model, checkpoint=checkpoint)
+    net.to(device).eval()
+    batches = list(create_loader(eval_folder, data_config, batch_size=50, limit=config.eval_limit))
+    float_file = out / "cells" / _slug(task_name) / "float.json"
+    if not float_file.exists():
+        float_file.parent.mkdir(parents=True, exist_ok=True)
+        result = {"task": task_name, "note": task.note, **evaluate(net, batches, device=device)}
+        write_atomic(float_file, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    return task, checkpoint, calib_folder, net, data_config, batches
 
 
 def _quantize_cell(net, calib, scheme, keep: Path | None, task, checkpoint, data_config) -> tuple:
