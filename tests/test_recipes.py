@@ -83,20 +83,17 @@ def test_overrides_are_typed_and_validated(tmp_path):
 
 
 def test_quantize_points_to_the_tested_recipe_where_its_settings_differ(tmp_path, monkeypatch):
-    # EfficientNet-Lite0 W4A8: the recipe's synthesis settings differ from the library defaults (docs/results.md)
-    plain = PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=8)
-    hint = recipe_hint(plain)
-    assert "tf_efficientnet_lite0-w4a8-brevitas" in hint and "measured top-1" in hint
-    assert "init=natural" in hint and "first_bn_weight=50.0" in hint and "images" not in hint
-    recipe, _ = load_recipe(find_recipe("tf_efficientnet_lite0-w4a8-brevitas"))
-    assert recipe_hint(recipe) is None  # the recipe itself, or a run with its settings
-    assert (
-        recipe_hint(PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=8, calib="gaussian"))
-        is None
-    )
-    assert recipe_hint(PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=4)) is None
+    # MobileNetV2 W4A8 on 64 images: its recipe's 128 differ
     fewer = PipelineConfig(model="mobilenetv2_100", out=tmp_path, w_bits=4, a_bits=8, images=64)
-    assert "sets images=128:" in recipe_hint(fewer)
+    hint = recipe_hint(fewer)
+    assert "mobilenetv2_100-w4a8-brevitas" in hint and "measured top-1" in hint and "sets images=128:" in hint
+    recipe, _ = load_recipe(find_recipe("mobilenetv2_100-w4a8-brevitas"))
+    assert recipe_hint(recipe) is None  # the recipe itself, or a run with its settings
+    other = {"model": "mobilenetv2_100", "out": tmp_path, "w_bits": 4, "images": 64}
+    assert recipe_hint(PipelineConfig(**other, a_bits=8, calib="gaussian")) is None
+    assert recipe_hint(PipelineConfig(**other, a_bits=4)) is None
+    # EfficientNet-Lite0's W4A8 recipe is the library defaults: nothing to point to
+    assert recipe_hint(PipelineConfig(model="tf_efficientnet_lite0", out=tmp_path, w_bits=4, a_bits=8)) is None
     # a setting the run leaves to the input size is no difference: the CIFAR recipe's 200 steps are the 32 px default
     assert recipe_hint(PipelineConfig(model="cifar_resnet20", out=tmp_path, w_bits=4, a_bits=4, images=256)) is None
     # ... and is compared once resolved: a recipe of the user's that sets other steps than the 32 px default
@@ -110,9 +107,9 @@ def test_quantize_points_to_the_tested_recipe_where_its_settings_differ(tmp_path
     monkeypatch.delenv("BZQ_RECIPES")
     # the CLI says it on stderr before any work (here the run then stops: --out is a file)
     (tmp_path / "file").write_text("x")
-    args = ["quantize", "tf_efficientnet_lite0", "--out", str(tmp_path / "file"), "--w-bits", "4", "--json"]
+    args = ["quantize", "mobilenetv2_100", "--out", str(tmp_path / "file"), "--w-bits", "4", "--images", "64", "--json"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code != 0 and "note: the tested recipe tf_efficientnet_lite0-w4a8-brevitas" in result.stderr
+    assert result.exit_code != 0 and "note: the tested recipe mobilenetv2_100-w4a8-brevitas" in result.stderr
     assert "tested recipe" not in result.stdout
 
 
