@@ -135,7 +135,7 @@ def bench_quality(config: QualityBenchConfig, out: str | Path) -> dict:
         ]
         for seed, source in itertools.product(config.seeds, config.sources):
             cells = {s: _cell_file(out, task_name, s, source, seed) for s in schemes}
-            cells = {s: c for s, c in cells.items() if not _done(c, settings[s], added[s])}
+            cells = {s: c for s, c in cells.items() if _result(c, settings[s], added[s]) is None}
             if not cells:
                 continue
             shared = [] if parse_spec(source)[0] == "real" else twins
@@ -244,7 +244,7 @@ def _kept_model(out: Path, twin: str | None, scheme: str, source: str, seed: int
     if twin is None:
         return None
     cell = _cell_file(out, twin, scheme, source, seed)
-    record = _read_cell(cell) if _done(cell, settings, added) else None
+    record = _result(cell, settings, added)
     return {**record, "model": cell.with_suffix(".model")} if record and record.get("model_kept") else None
 
 
@@ -256,12 +256,12 @@ def _set_folder(out: Path, task: str, source: str, seed: int) -> Path:
     return out / "sets" / _slug(task) / _slug(source) / f"seed{seed}"
 
 
-def _done(cell: Path, settings: dict, added: dict) -> bool:
-    """Whether ``cell`` holds a result for these settings: a cell made under other defaults (its spec now resolves
-    differently) is redone; one written before cells recorded their settings is kept, and so is one that lacks only
-    fields added since with the value it was made with (``added``: the backend's table)."""
+def _result(cell: Path, settings: dict, added: dict) -> dict | None:
+    """``cell``'s record where it holds a result for these settings, else None: a cell made under other defaults (its
+    spec now resolves differently) is redone; one written before cells recorded their settings is kept, and so is one
+    that lacks only fields added since with the value it was made with (``added``: the backend's table)."""
     record = _read_cell(cell)
-    return record is not None and {**added, **record.get("quant_config", settings)} == settings
+    return record if record is not None and {**added, **record.get("quant_config", settings)} == settings else None
 
 
 def _read_cell(path: Path) -> dict | None:
