@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +105,23 @@ def test_quality_harness_end_to_end_and_resume(shared, tmp_path):
     again = bench_quality(config, tmp_path)
     assert len(again["cells"]) == len(cells) and files[0].exists()
     assert all(p.stat().st_mtime_ns == stamps[p] for p in files[1:])
+
+    # A run stopped while it writes the float cell leaves no part of one: the next run writes it whole.
+    float_cell = tmp_path / "cells" / "cifar_resnet20_tune" / "float.json"
+    float_cell.unlink()
+
+    def stopped_halfway(path, text, *args, **kwargs):
+        with open(path, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "write_text", stopped_halfway)
+        with pytest.raises(KeyboardInterrupt):
+            bench_quality(config, tmp_path)
+    assert not list(float_cell.parent.glob("*float.json*"))
+    bench_quality(config, tmp_path)
+    assert json.loads(float_cell.read_text())["n"] == 50
 
     # A cell made under other defaults (its spec resolved to other settings then) is redone, not reused.
     stale = next(p for p in files[1:] if "brevitas" in str(p))
